@@ -1,0 +1,114 @@
+"""The `internray` command: one subcommand per stage, plus `doctor` and `demo`.
+
+Stage subcommands take a config file and dotted overrides (`internray data cfg.yaml
+pack.seq_len=1024`) and call the same library function as the `jobs/` entrypoints, so a laptop
+run and a `ray job submit` run differ only in where Ray is.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+from pathlib import Path
+
+from internray import __version__
+from internray.config import ConfigError, load_config
+
+# stage name -> (help, config class path, run function path)
+STAGES = {
+    "data": ("ingest, clean, dedup, decontaminate, tokenize and pack a corpus (Ray Data)",
+             "internray.data.config:DataConfig", "internray.data.pipeline:run_data"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "doctor":
+            return doctor(args.address)
+        if args.command == "demo":
+            _connect(args.address)
+            from internray.demo import run_demo
+
+            run_demo(Path(args.root))
+            return 0
+        return run_stage(args.command, args.config, args.overrides, args.address)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run_stage(stage: str, config_path: str, overrides: list[str], address: str | None = None):
+    """Validate the config completely, then connect to Ray and run the stage."""
+    _, config_cls, run_fn = STAGES[stage]
+    config = load_config(_load(config_cls), config_path, overrides)
+    _connect(address)
+    _load(run_fn)(config)
+    return 0
+
+
+def doctor(address: str | None) -> int:
+    """Versions, devices, and whether a Ray cluster answers: the first thing to paste in a bug report."""
+    import ray
+    import torch
+
+    rows = [("internray", __version__), ("python", platform.python_version()), ("ray", ray.__version__),
+            ("torch", torch.__version__)]
+    for name in ("deepspeed", "transformers", "peft", "datasets", "pyarrow"):
+        try:
+            rows.append((name, importlib.import_module(name).__version__))
+        except Exception as err:  # a broken optional import must not hide the rest of the report
+            rows.append((name, f"unavailable ({type(err).__name__}: {err})"))
+    cuda = torch.cuda.is_available()
+    rows.append(("devices", f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if cuda
+                 else f"CPU only ({torch.get_num_threads()} threads)"))
+    for name, value in rows:
+        print(f"{name:<14}{value}")
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target is None:
+        print(f"{'ray cluster':<14}none given (--address or RAY_ADDRESS); stages start an embedded one")
+        return 0
+    try:
+        info = _connect(target)
+        print(f"{'ray cluster':<14}reachable at {info['address']}, resources {info['resources']}")
+        return 0
+    except Exception as err:
+        print(f"{'ray cluster':<14}NOT reachable at {target}: {type(err).__name__}: {err}")
+        return 1
+
+
+def _connect(address: str | None) -> dict:
+    from internray import runtime
+
+    info = runtime.connect(address)
+    print(f"[internray] ray at {info['address']}, dashboard {info['dashboard'] or 'n/a'}", flush=True)
+    return info
+
+
+def _load(path: str):
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="internray", description="The InternLM full chain on Ray.")
+    parser.add_argument("--version", action="version", version=f"internray {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage, (help_text, _, _) in STAGES.items():
+        p = sub.add_parser(stage, help=help_text, description=help_text)
+        p.add_argument("config", help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pack.seq_len=1024")
+        p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)")
+    p = sub.add_parser("demo", help="run every stage end to end on real offline material")
+    p.add_argument("--root", default="runs", help="where runs are written (default: ./runs)")
+    p.add_argument("--address")
+    p = sub.add_parser("doctor", help="print versions and devices, and check the Ray cluster")
+    p.add_argument("--address")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

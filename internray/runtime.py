@@ -1,0 +1,91 @@
+"""The Ray connection every stage runs on.
+
+With no address, internray starts an embedded single-machine cluster (dashboard on
+127.0.0.1:8265), so a laptop needs nothing running. With `--address` or `RAY_ADDRESS`
+(which `ray job submit` sets for its entrypoint) it joins that cluster instead: the same code
+runs on 2 cores or 1000 GPUs.
+
+Authentication (Ray 2.60 turns token authentication on by default):
+- embedded cluster: `ray.init()` generates a token and uses it itself; nothing to do.
+- existing cluster: the client must present the cluster's token. Ray reads it from
+  `RAY_AUTH_TOKEN`, then the file named by `RAY_AUTH_TOKEN_PATH`, then `~/.ray/auth_token`
+  (`ray get-auth-token` prints it). internray does not invent or weaken this: it only checks
+  up front that a token is present when `RAY_AUTH_MODE=token`, and says what to set.
+- a loopback head started for tests may run with `RAY_AUTH_MODE=disabled`; never expose one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import ray
+
+DASHBOARD_HOST = "127.0.0.1"
+
+
+_dashboard_url: str | None = None
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None) -> dict:
+    """Join `address` (or `RAY_ADDRESS`), else start an embedded cluster; return where it is."""
+    global _dashboard_url
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        if address is None:
+            context = ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=True,
+                dashboard_host=DASHBOARD_HOST,
+                _node_ip_address="127.0.0.1",
+                configure_logging=False,
+            )
+        else:
+            check_token_available()
+            check_reachable(address)
+            context = ray.init(address=address, configure_logging=False)
+        _dashboard_url = f"http://{context.dashboard_url}" if context.dashboard_url else None
+    return cluster_info()
+
+
+def cluster_info() -> dict:
+    return {
+        "address": ray.get_runtime_context().gcs_address,
+        "dashboard": _dashboard_url,
+        "resources": ray.cluster_resources(),
+        "auth_mode": auth_mode(),
+    }
+
+
+def auth_mode() -> str:
+    return os.environ.get("RAY_AUTH_MODE", "default (token on Ray >= 2.60)")
+
+
+def check_token_available() -> None:
+    """Fail early, naming the fix, when token auth is requested but no token can be found."""
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        return
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    candidates = [Path(token_path)] if token_path else [Path.home() / ".ray" / "auth_token"]
+    if os.environ.get("RAY_AUTH_TOKEN") or any(p.is_file() for p in candidates):
+        return
+    raise RuntimeError(
+        "RAY_AUTH_MODE=token but no token found: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH, "
+        "or copy the cluster's token to ~/.ray/auth_token (`ray get-auth-token` on the head prints it)"
+    )
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at `host:port` (ray.init retries long)."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.removeprefix("http://").removeprefix("https://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as err:
+        raise ConnectionError(f"no Ray cluster answers at {address} ({err}); check --address / RAY_ADDRESS") from None
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()

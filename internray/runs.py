@@ -50,10 +50,13 @@ class Run:
     def path(self, *parts: str) -> Path:
         return self.dir.joinpath(*parts)
 
-    def add_input(self, path: str | Path, role: str = "input") -> None:
-        """Record an input with its content hash, and its producing run as a parent if it has one."""
+    def add_input(self, path: str | Path, role: str = "input", files: list[Path] | None = None) -> None:
+        """Record an input with its content hash, and its producing run as a parent if it has one.
+
+        `files`: the files actually read below a directory input (its glob matches); by default all.
+        """
         path = Path(path).resolve()
-        entry = {"path": str(path), "role": role, "sha256": content_hash(path)}
+        entry = {"path": str(path), "role": role, "sha256": content_hash(path, files)}
         inputs = [i for i in self.manifest["inputs"] if i["path"] != entry["path"]]
         self.manifest["inputs"] = [*inputs, entry]
         parent = find_run_dir(path)
@@ -150,12 +153,13 @@ def find_run_dir(path: Path) -> Path | None:
     return None
 
 
-def content_hash(path: Path) -> str:
+def content_hash(path: Path, files: list[Path] | None = None) -> str:
     """sha256 of a file's bytes, or of a directory's sorted (relative path, file hash) list."""
     if path.is_file():
         return _file_hash(path)
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    chosen = [Path(f).resolve() for f in files] if files is not None else [p for p in path.rglob("*") if p.is_file()]
+    for file in sorted(chosen):
         digest.update(f"{file.relative_to(path)}\0{_file_hash(file)}\n".encode())
     return digest.hexdigest()
 

@@ -117,7 +117,7 @@ def corpus(tmp_path_factory):
         "fuzzy_dedup": {"shingle": "word", "ngram": 5, "threshold": 0.6, "bands": 32, "rows": 4, "partitions": 3},
         "decontaminate": {"benchmarks": [str(benchmark)]},
         "tokenizer": {"vocab_size": 600, "min_frequency": 1},
-        "pack": {"seq_len": 64, "validation_fraction": 0.2, "batch_docs": 16},
+        "pack": {"seq_len": 64, "validation_fraction": 0.2, "group_docs": 16},
     }
     path = root / "data.yaml"
     path.write_text(yaml.safe_dump(config, allow_unicode=True))

@@ -79,9 +79,7 @@ class FuzzyDedupSection(Section):
     threshold: float = Field(0.7, gt=0, le=1)
     shingle: Literal["word", "char"] = "word"
     ngram: int = Field(5, ge=1)
-    """Shingle length: words for `word`, characters for `char` (use `char` for Chinese)."""
-    cjk_as_chars: bool = True
-    """With `word` shingles, split CJK runs into characters so Chinese text gets real shingles."""
+    """Shingle length: words for `word` (each CJK character counts as a word), characters for `char`."""
     verify: bool = True
     seed: int = 42
     partitions: int = Field(8, ge=1)
@@ -118,8 +116,8 @@ class PackSection(Section):
     seq_len: int = Field(512, ge=8)
     validation_fraction: float = Field(0.02, ge=0, lt=1)
     rows_per_shard: int = Field(2_000, ge=1)
-    batch_docs: int = Field(256, ge=1)
-    """Documents packed together; only the last sequence of each batch may be shorter."""
+    group_docs: int = Field(256, ge=1)
+    """Documents per pack group (packed together); only a group's last sequence may be shorter."""
 
 
 class ScalingSection(Section):

@@ -41,7 +41,7 @@ def exact_duplicates(docs: ray.data.Dataset, work_dir: Path, partitions: int) ->
 
 
 def fuzzy_duplicates(docs: ray.data.Dataset, work_dir: Path, cfg: FuzzyDedupSection) -> Path:
-    """Write (id, kept_id) for every document in a near-duplicate cluster except its smallest id."""
+    """Write (id, kept_id) for every document in a near-duplicate cluster except its earliest."""
     params = cfg.model_dump()
     links = _map_reduce(docs, work_dir, cfg.partitions, _band_rows, {"cfg": params}, _band_links, {"cfg": params})
     return ray.get(_connected_components.remote(str(links), str(work_dir / "duplicates")))

@@ -24,8 +24,8 @@ from internray.data.clean import clean_batch
 from internray.data.config import DataConfig
 from internray.data.decontam import MarkContaminated, build_benchmark_index, corpus_ngram_rows
 from internray.data.dedup import DropListed, exact_duplicates, fuzzy_duplicates
-from internray.data.sources import read_sources
-from internray.data.tokenize import TokenizeAndPack, train_tokenizer, unit_hash
+from internray.data.sources import list_files, read_sources
+from internray.data.tokenize import Tokenize, pack_group, train_tokenizer, unit_hash
 from internray.runs import Run, open_run
 
 STEPS = ["ingest", "exact_dedup", "fuzzy_dedup", "decontaminate"]
@@ -38,8 +38,10 @@ def run_data(config: DataConfig) -> Run:
     run = open_run("data", config, config.run.root, config.run.resume)
     _log(run, f"run directory {run.dir}" + (" (resuming)" if run.resumed else ""))
     for source in config.sources:
-        if source.path is not None:
+        if source.type == "hf_disk":
             run.add_input(source.path, role=f"source:{source.name}")
+        elif source.path is not None:
+            run.add_input(source.path, role=f"source:{source.name}", files=list_files(source))
     for bench in config.decontaminate.benchmarks:
         run.add_input(bench, role="benchmark")
     if config.tokenizer.path is not None:
@@ -142,10 +144,14 @@ def _tokenizer(docs: ray.data.Dataset, out: Path, config: DataConfig) -> None:
 
 def _pack(docs: ray.data.Dataset, out: Path, split: str, config: DataConfig, run: Run) -> None:
     weights = {s.name: s.weight for s in config.sources}
+    share = config.pack.validation_fraction if split == "validation" else 1 - config.pack.validation_fraction
+    groups = max(1, round(docs.count() * share / config.pack.group_docs))
     docs.map_batches(
-        TokenizeAndPack, batch_size=config.pack.batch_docs, batch_format="pyarrow", concurrency=_actors(config),
-        fn_constructor_args=(str(run.path("stages", "tokenizer")), config.pack.seq_len, weights, split,
-                             config.pack.validation_fraction),
+        Tokenize, batch_format="pyarrow", concurrency=_actors(config),
+        fn_constructor_args=(str(run.path("stages", "tokenizer")), weights, split, config.pack.validation_fraction,
+                             groups),
+    ).groupby("group").map_groups(
+        pack_group, batch_format="pyarrow", fn_kwargs={"seq_len": config.pack.seq_len},
     ).write_parquet(str(out), min_rows_per_file=config.pack.rows_per_shard)
 
 

@@ -3,9 +3,9 @@
 Packing concatenates documents (each followed by EOS) and cuts the stream every `seq_len`
 tokens; `doc_lens` records the segment lengths inside each sequence so training can reset
 positions or mask attention at document boundaries. A document is never dropped or repeated by
-packing: only the last sequence of each batch may be shorter than `seq_len`, and
-`num_tokens` says how long each row is. Mixing weights repeat or subsample documents
-deterministically (by id hash) before packing.
+packing: only the last sequence of each pack group may be shorter than `seq_len`, and
+`num_tokens` says how long each row is. Mixing weights repeat or subsample documents, and
+documents are assigned to pack groups, deterministically by id hash.
 """
 from __future__ import annotations
 
@@ -64,27 +64,45 @@ def unit_hash(doc_id: str, salt: str) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
-class TokenizeAndPack:
-    """Ray Data UDF (actor): loads the tokenizer once, packs each batch of documents."""
+TOKENIZED_SCHEMA = pa.schema([("seq", pa.int64()), ("copy", pa.int32()), ("group", pa.int64()),
+                              ("ids", pa.list_(pa.int32()))])
 
-    def __init__(self, tokenizer_dir: str, seq_len: int, weights: dict[str, float], split: str,
-                 validation_fraction: float):
+
+class Tokenize:
+    """Ray Data UDF (actor): loads the tokenizer once; one row per document copy of this split.
+
+    Each copy is assigned a pack group by hash, so which documents are packed together does not
+    depend on how Ray happened to batch them: the same config gives the same shards.
+    """
+
+    def __init__(self, tokenizer_dir: str, weights: dict[str, float], split: str, validation_fraction: float,
+                 groups: int):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self.eos = self.tokenizer.eos_token_id
-        self.seq_len, self.weights = seq_len, weights
-        self.split, self.validation_fraction = split, validation_fraction
+        self.weights, self.split, self.validation_fraction, self.groups = weights, split, validation_fraction, groups
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts, ids, sources = (batch.column(c).to_pylist() for c in ("text", "id", "source"))
-        copies = [repeats(i, self.weights.get(s, 1.0)) if split_of(i, self.validation_fraction) == self.split else 0
-                  for i, s in zip(ids, sources)]
-        kept = [t for t, c in zip(texts, copies) for _ in range(c)]
-        if not kept:
-            return PACKED_SCHEMA.empty_table()
-        encoded = self.tokenizer(kept, add_special_tokens=False)["input_ids"]
-        return pack([doc + [self.eos] for doc in encoded], self.seq_len)
+        rows = [(seq, doc_id, text, copy)
+                for seq, doc_id, text, source in zip(*(batch.column(c).to_pylist() for c in ("seq", "id", "text", "source")))
+                if split_of(doc_id, self.validation_fraction) == self.split
+                for copy in range(repeats(doc_id, self.weights.get(source, 1.0)))]
+        if not rows:
+            return TOKENIZED_SCHEMA.empty_table()
+        encoded = self.tokenizer([r[2] for r in rows], add_special_tokens=False)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        return pa.table({
+            "seq": [r[0] for r in rows],
+            "copy": [r[3] for r in rows],
+            "group": [int(unit_hash(f"{r[1]}#{r[3]}", "pack") * self.groups) for r in rows],
+            "ids": [ids + [eos] for ids in encoded],
+        }, schema=TOKENIZED_SCHEMA)
+
+
+def pack_group(table: pa.Table, seq_len: int) -> pa.Table:
+    """Ray Data map_groups UDF: pack one group's documents in input order."""
+    table = table.sort_by([("seq", "ascending"), ("copy", "ascending")])
+    return pack(table.column("ids").to_pylist(), seq_len)
 
 
 def pack(docs: list[list[int]], seq_len: int) -> pa.Table:

@@ -1,0 +1,100 @@
+"""`ray job submit` against a real Ray head on loopback, and the same job through the CLI path.
+
+The head runs with RAY_AUTH_MODE=disabled: it listens on 127.0.0.1 only and lives for this test
+(Ray 2.60 would otherwise answer 401 to an unauthenticated `ray job submit`). It is started in
+its own process group so stopping it cannot touch the test session's embedded cluster.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO
+from internray.config import load_config
+from internray.data.config import DataConfig
+from internray.data.pipeline import run_data
+from internray.runs import read_manifest
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    temp = tmp_path_factory.mktemp("ray-head")
+    gcs, dashboard = free_port(), free_port()
+    # every port this head opens is chosen here: defaults would collide with the session's cluster
+    ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp}",
+         "--disable-usage-stats", *ports],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2).read()
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        os.killpg(head.pid, signal.SIGKILL)
+        pytest.fail("the Ray head did not answer within 120 s")
+    yield url, env
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+    os.killpg(head.pid, signal.SIGKILL)
+    head.wait(10)
+
+
+def test_submitted_data_job_succeeds_and_matches_the_cli_run(ray_head, ray_cluster, tmp_path, monkeypatch):
+    url, env = ray_head
+    job_root = tmp_path / "job-runs"
+    for _ in range(30):  # the head's job agent registers a few seconds after the dashboard answers
+        done = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".", "--",
+             "python", "jobs/data.py", "jobs/configs/data.yaml", f"run.root={job_root}"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in done.stderr:
+            break
+        time.sleep(2)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in (done.stdout + done.stderr).lower()
+    (job_run,) = job_root.glob("data-*")
+    job_manifest = read_manifest(job_run)
+    assert job_manifest["status"] == "complete" and job_manifest["counts"]["balanced"]
+    for name in ("train", "validation", "tokenizer", "ngram_index", "rejects"):
+        assert Path(job_manifest["outputs"][name]).is_dir()
+
+    monkeypatch.chdir(REPO)  # the CLI path, on the session's embedded cluster, same config
+    cli_run = run_data(load_config(DataConfig, "jobs/configs/data.yaml", [f"run.root={tmp_path / 'cli-runs'}"]))
+    cli_manifest = read_manifest(cli_run.dir)
+    assert cli_manifest["counts"] == job_manifest["counts"]
+    assert cli_manifest["config_hash"] != job_manifest["config_hash"]  # run.root differs, nothing else
+    assert [i["sha256"] for i in cli_manifest["inputs"]] == [i["sha256"] for i in job_manifest["inputs"]]
+    for split in ("train", "validation"):
+        job_rows = pq.read_table(job_run / "stages" / split).column("input_ids").to_pylist()
+        cli_rows = pq.read_table(cli_run.path("stages", split)).column("input_ids").to_pylist()
+        assert sorted(map(tuple, job_rows)) == sorted(map(tuple, cli_rows)) and job_rows

@@ -7,7 +7,8 @@ Corpus: the running interpreter's standard-library sources (*.py, not under test
 500..50,000 characters), shuffled with --seed and capped at --docs originals. For a random 10% of
 them one mutated copy per word edit rate in EDIT_RATES is appended (random words replaced, deleted
 or inserted); copies come after all originals, so a copy is the one a dedup must drop. CPython 3.11's
-stdlib has ~1,350 such files, so larger --docs are capped; --root points at another source tree.
+stdlib has ~1,350 such files, so larger --docs are capped; --root points at another source tree
+(e.g. the venv's site-packages, tens of thousands of real files).
 
 Ground truth is exact Jaccard over the shingle sets both systems see (MinHasher.shingles, word
 5-grams). Systems, with the same num_perm, bands x rows and threshold:
@@ -18,7 +19,7 @@ Ground truth is exact Jaccard over the shingle sets both systems see (MinHasher.
   querying each document before inserting it; a document with any hit is flagged. One process.
 Both timings include shingling.
 
-Run:  .venv/bin/python benchmarks/dedup.py --docs 6000 [--workers 1,2] [--repartition] [--json results.json]
+Run:  .venv/bin/python benchmarks/dedup.py --docs 6000 [--workers 1,2] [--json results.json]
 """
 from __future__ import annotations
 
@@ -61,8 +62,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--threshold", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--repartition", action="store_true",
-                   help="repartition internray's input to 2*W blocks (the Parquet read may use one task)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--only", choices=["internray"], help=argparse.SUPPRESS)  # child-process mode
     p.add_argument("--corpus", help=argparse.SUPPRESS)
@@ -153,7 +152,7 @@ def internray_child(args) -> None:
     warmup = time.perf_counter() - start
     start = time.perf_counter()
     docs = ray.data.read_parquet(args.corpus)
-    out = fuzzy_duplicates(docs.repartition(2 * workers) if args.repartition else docs, work / "timed", cfg)
+    out = fuzzy_duplicates(docs, work / "timed", cfg)
     dups = pq.read_table(out)
     seconds = time.perf_counter() - start
     pairs = list(zip(dups.column("id").to_pylist(), dups.column("kept_id").to_pylist()))
@@ -163,7 +162,7 @@ def internray_child(args) -> None:
 def run_internray(corpus_dir: Path, workers: int, args) -> dict:
     cmd = [sys.executable, __file__, "--only", "internray", "--workers", str(workers), "--corpus", str(corpus_dir),
            "--num-perm", str(args.num_perm), "--bands", str(args.bands), "--rows", str(args.rows),
-           "--threshold", str(args.threshold), "--seed", str(args.seed)] + ["--repartition"] * args.repartition
+           "--threshold", str(args.threshold), "--seed", str(args.seed)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
@@ -182,7 +181,7 @@ def main() -> None:
           f"copies of {len(planted) // len(EDIT_RATES)} originals at edit rates {', '.join(f'{r:.0%}' for r in EDIT_RATES)}"
           f" = {len(docs)} documents, {sum(len(d['text']) for d in docs) / 1e6:.1f}M characters")
     print(f"params: num_perm={args.num_perm} bands={args.bands} rows={args.rows} threshold={args.threshold}; "
-          f"internray input: {CORPUS_FILES} Parquet files{', repartitioned to 2*W blocks' if args.repartition else ''}\n")
+          f"internray input: {CORPUS_FILES} Parquet files\n")
     hasher = MinHasher(args.num_perm, args.bands, args.rows, "word", 5, args.seed)
     shingle_sets = [set(hasher.shingles(d["text"])) for d in docs]
 

@@ -230,3 +230,20 @@ def test_rerun_after_interruption_completes_without_duplicates(ray_cluster, corp
     train_after = sorted(map(tuple, pq.read_table(resumed.path("stages", "train")).column("input_ids").to_pylist()))
     assert train_after == train_before
     assert read_manifest(resumed.dir)["counts"] == {**manifest["counts"]}
+
+
+def test_run_totals_reach_rays_metrics_endpoint(finished):
+    """The dashboard's Metrics view scrapes each node's metrics port; our counters must be there."""
+    import time
+    import urllib.request
+
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline and finished.run_id not in text:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        time.sleep(2)
+    lines = [line for line in text.splitlines() if "internray_data_documents" in line and finished.run_id in line]
+    assert any('outcome="kept"' in line for line in lines), text[-2000:]
+    assert any('outcome="exact_dup"' in line and line.rstrip().endswith(" 1.0") for line in lines)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import ray
 from ray.data.expressions import col
-from ray.util.metrics import Counter, Gauge
+from ray.util.metrics import Gauge
 
 from internray.data.clean import clean_batch
 from internray.data.config import DataConfig
@@ -183,11 +183,14 @@ def format_summary(summary: dict) -> str:
 
 
 def _report_metrics(run: Run, summary: dict) -> None:
-    """Totals into Ray's metrics pipeline, so the dashboard's Metrics view shows each run."""
-    documents = Counter("internray_data_documents", "documents by outcome", tag_keys=("run", "outcome"))
-    documents.inc(summary["kept_documents"], tags={"run": run.run_id, "outcome": "kept"})
+    """Totals into Ray's metrics pipeline, so the dashboard's Metrics view shows each run.
+
+    Gauges, not counters: a resumed run reports its totals again and must not double them.
+    """
+    documents = Gauge("internray_data_documents", "documents by outcome", tag_keys=("run", "outcome"))
+    documents.set(summary["kept_documents"], tags={"run": run.run_id, "outcome": "kept"})
     for reason, count in summary["removed"].items():
-        documents.inc(count, tags={"run": run.run_id, "outcome": reason})
+        documents.set(count, tags={"run": run.run_id, "outcome": reason})
     tokens = Gauge("internray_data_tokens", "packed tokens by split", tag_keys=("run", "split"))
     for split in ("train", "validation"):
         tokens.set(summary[split]["tokens"], tags={"run": run.run_id, "split": split})

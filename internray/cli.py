@@ -20,6 +20,8 @@ from internray.config import ConfigError, load_config
 STAGES = {
     "data": ("ingest, clean, dedup, decontaminate, tokenize and pack a corpus (Ray Data)",
              "internray.data.config:DataConfig", "internray.data.pipeline:run_data"),
+    "pretrain": ("pretrain a causal LM on packed shards (Ray Train + DeepSpeed)",
+                 "internray.train.config:TrainConfig", "internray.train.pretrain:run_pretrain"),
 }
 
 

@@ -29,11 +29,12 @@ class Section(BaseModel):
 def _must_exist(path: Path) -> Path:
     if not path.exists():
         raise ValueError(f"path does not exist: {path}")
-    return path
+    return path.resolve()
 
 
 ExistingPath = Annotated[Path, AfterValidator(_must_exist)]
-"""A path that must exist when the config is loaded (inputs, never outputs)."""
+"""A path that must exist when the config is loaded (inputs, never outputs). It is made
+absolute, so Ray workers, whose working directory differs from the driver's, see the same file."""
 
 S = TypeVar("S", bound=Section)
 
@@ -123,6 +124,8 @@ def _describe(cls: type[Section], err: ValidationError, source: str) -> str:
     if problem["type"] == "missing":
         return f"config {source}: missing required key `{key}`{more}"
     message = problem["msg"].removeprefix("Value error, ")
+    if not key:  # a rule across sections
+        return f"config {source}: {message}{more}"
     return f"config {source}: `{key}`: {message} (got {problem.get('input')!r}){more}"
 
 

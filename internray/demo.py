@@ -17,7 +17,10 @@ from internray import offline
 from internray.config import load_config
 from internray.data.config import DataConfig
 from internray.data.pipeline import run_data
+from internray.train.config import TrainConfig
+from internray.train.pretrain import run_pretrain
 
+PRETRAIN_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "pretrain.yaml"
 _TAG = re.compile(r"/[A-Za-z]+\d*")
 
 
@@ -64,11 +67,15 @@ def run_demo(root: Path) -> None:
     data_config_path = demo_data_config(root)
     print(f"[demo] data stage config: {data_config_path}", flush=True)
     data_run = run_data(load_config(DataConfig, data_config_path))
+    # the same file `ray job submit ... jobs/pretrain.py jobs/configs/pretrain.yaml` uses
+    pretrain_run = run_pretrain(load_config(TrainConfig, PRETRAIN_CONFIG,
+                                            [f"run.root={root}", f"data.from_run={data_run.dir}"]))
     print("\n[demo] outputs")
-    print(f"  data run:      {data_run.dir}")
-    for name, path in data_run.manifest["outputs"].items():
-        print(f"    {name:<17}{path}")
-    print(f"  manifest:      {data_run.path('manifest.json')}")
+    for run in (data_run, pretrain_run):
+        print(f"  {run.manifest['stage']} run: {run.dir}")
+        for name, path in run.manifest["outputs"].items():
+            print(f"    {name:<17}{path}")
+        print(f"    {'manifest':<17}{run.path('manifest.json')}")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

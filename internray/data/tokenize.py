@@ -15,11 +15,9 @@ from typing import Iterable
 
 import pyarrow as pa
 
+from internray.models.export import DEFAULT_CHAT_TEMPLATE
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 PACKED_SCHEMA = pa.schema([
     ("input_ids", pa.list_(pa.int32())),
     ("doc_lens", pa.list_(pa.int32())),
@@ -44,7 +42,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int, o
         tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = DEFAULT_CHAT_TEMPLATE
     fast.save_pretrained(str(out))
 
 

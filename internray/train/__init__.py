@@ -1,0 +1,1 @@
+"""The train stage: pretraining and finetuning on Ray Train + DeepSpeed."""

@@ -1,0 +1,185 @@
+"""The per-worker training loop, shared by pretraining and finetuning.
+
+Ray Train starts one copy per worker inside a torch.distributed group (gloo on CPU, NCCL on
+GPU); DeepSpeed wraps the model in that group. The loop is the nanoGPT loop with three
+additions: it resumes from the latest checkpoint Ray Train hands back (skipping the batches
+already seen, so a restarted run sees the same data), it reports metrics every step, and every
+`checkpoint.every_steps` all ranks save their DeepSpeed shards into one Ray Train checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.train
+import torch
+import torch.distributed as dist
+
+from internray.train.config import TrainConfig
+from internray.train.engine import deepspeed_config, flops_per_token, optimizer_and_schedule, peak_flops
+
+CHECKPOINT_TAG = "ds"
+STATE_FILE = "train_state.json"
+
+
+def train_loop_per_worker(config_dict: dict) -> None:
+    import deepspeed
+
+    config = TrainConfig.model_validate(config_dict["config"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    torch.manual_seed(config.training.seed)
+    torch.set_num_threads(config.scaling.threads_per_worker)
+
+    model = build_model(config, config_dict["vocab_size"])
+    if config.training.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer, schedule = optimizer_and_schedule(model, config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(config))
+    step, tokens_seen = restore(engine)
+    batches = micro_batches(ray.train.get_dataset_shard("train"), config.training.micro_batch_size,
+                            config_dict["pad_id"], skip=step * config.training.grad_accum_steps)
+    per_token = flops_per_token(model.config, config_dict["seq_len"])
+    peak = peak_flops(config)
+    metrics_file = Path(config_dict["metrics_file"]) if rank == 0 else None
+
+    while step < config.training.steps:
+        started = time.perf_counter()
+        engine.train()
+        losses, step_tokens = [], 0
+        for _ in range(config.training.grad_accum_steps):
+            input_ids, labels = next(batches)
+            loss = engine(input_ids=input_ids.to(engine.device), labels=labels.to(engine.device)).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+            step_tokens += int((labels != -100).sum())
+        step += 1
+        seconds = time.perf_counter() - started
+        global_tokens = _sum_across_ranks(step_tokens)
+        tokens_seen += global_tokens
+        metrics = {
+            "step": step,
+            "loss": _mean_across_ranks(torch.stack(losses).mean()),
+            "lr": schedule.get_last_lr()[0],
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "tokens_per_s": global_tokens / seconds,
+            "mfu": per_token * global_tokens / seconds / (peak * context.get_world_size()),
+            "tokens_seen": tokens_seen,
+            "memory_gb": memory_gb(),
+        }
+        if config.data.validation is not None and (step % config.validation.every_steps == 0 or step == config.training.steps):
+            metrics["val_loss"] = validation_loss(engine, config, config_dict["pad_id"])
+        if metrics_file is not None:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if step % config.checkpoint.every_steps == 0 or step == config.training.steps:
+            save_and_report(engine, metrics, step, tokens_seen, rank)
+        else:
+            ray.train.report(metrics)
+
+
+def build_model(config: TrainConfig, vocab_size: int) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if config.model.path is not None:
+        return AutoModelForCausalLM.from_pretrained(config.model.path, torch_dtype=torch.float32)
+    from internray.models.presets import model_config
+
+    shape = model_config(config.model.preset, vocab_size=vocab_size,
+                         max_position_embeddings=config.model.max_position_embeddings)
+    return AutoModelForCausalLM.from_config(shape, torch_dtype=torch.float32)
+
+
+def micro_batches(shard, batch_size: int, pad_id: int, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (epoch after epoch) padded micro-batches of packed sequences; labels -100 on pads."""
+    seen = 0
+    while True:
+        produced = False
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True):
+            produced = True
+            seen += 1
+            if seen <= skip:
+                continue
+            yield collate(batch, pad_id)
+        if not produced:
+            raise ValueError("the training shard is empty or smaller than one micro-batch")
+
+
+def collate(batch: pa.Table, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = batch.column("input_ids").to_pylist()
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), width), -100, dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        labels[i, : len(row)] = row
+    return torch.from_numpy(ids), torch.from_numpy(labels)
+
+
+@torch.no_grad()
+def validation_loss(engine, config: TrainConfig, pad_id: int) -> float:
+    """Mean loss on the first `validation.batches` micro-batches per rank, each rank its own rows.
+
+    The validation shards are small and on shared storage, so every rank reads them directly
+    (rank::world) instead of through a Ray Data split that would need equal consumption.
+    """
+    engine.eval()
+    rows = pq.read_table(config.data.validation, columns=["input_ids"])
+    size, rank, world = config.training.micro_batch_size, dist.get_rank(), dist.get_world_size()
+    mine = rows.take(list(range(rank, len(rows), world)))
+    losses = []
+    for start in range(0, min(len(mine), size * config.validation.batches), size):
+        input_ids, labels = collate(mine.slice(start, size), pad_id)
+        losses.append(float(engine(input_ids=input_ids.to(engine.device), labels=labels.to(engine.device)).loss))
+    return _mean_across_ranks(torch.tensor(sum(losses) / max(1, len(losses))))
+
+
+def restore(engine) -> tuple[int, int]:
+    """Load the latest Ray Train checkpoint into the engine; return (step, tokens seen)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, 0
+    with checkpoint.as_directory() as directory:
+        engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+        state = json.loads((Path(directory) / STATE_FILE).read_text())
+    return state["step"], state["tokens_seen"]
+
+
+def save_and_report(engine, metrics: dict, step: int, tokens_seen: int, rank: int) -> None:
+    """All ranks write their ZeRO shards into one directory layout; Ray Train merges and keeps K."""
+    directory = tempfile.mkdtemp(prefix=f"internray-ckpt-{step}-")
+    engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
+    if rank == 0:
+        (Path(directory) / STATE_FILE).write_text(json.dumps({"step": step, "tokens_seen": tokens_seen}))
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process(os.getpid()).memory_info().rss / 2**30
+
+
+def _mean_across_ranks(value: torch.Tensor) -> float:
+    value = value.detach().float().cpu().clone()
+    dist.all_reduce(value)
+    return float(value) / dist.get_world_size()
+
+
+def _sum_across_ranks(value: int) -> int:
+    tensor = torch.tensor(value, dtype=torch.int64)
+    dist.all_reduce(tensor)
+    return int(tensor)

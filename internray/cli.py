@@ -22,6 +22,8 @@ STAGES = {
              "internray.data.config:DataConfig", "internray.data.pipeline:run_data"),
     "pretrain": ("pretrain a causal LM on packed shards (Ray Train + DeepSpeed)",
                  "internray.train.config:TrainConfig", "internray.train.pretrain:run_pretrain"),
+    "finetune": ("SFT (full, LoRA, QLoRA) or incremental pretraining of a checkpoint",
+                 "internray.train.config:TrainConfig", "internray.train.finetune:run_finetune"),
 }
 
 

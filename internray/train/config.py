@@ -95,16 +95,43 @@ class ValidationSection(Section):
     batches: int = Field(8, ge=1)
 
 
+class LoraSection(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+class FinetuneSection(Section):
+    """XTuner's job: SFT on conversations, or incremental pretraining on raw text (`format: text`)."""
+
+    data: ExistingPath
+    """A JSONL file of alpaca, sharegpt, OpenAI-messages or text records."""
+    format: Literal["auto", "alpaca", "sharegpt", "openai", "text"] = "auto"
+    method: Literal["full", "lora", "qlora"] = "lora"
+    max_len: int = Field(2048, ge=8)
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+
 class TrainConfig(Section):
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection = Field(default_factory=ModelSection)
-    data: DataSection
+    data: DataSection = Field(default_factory=DataSection)
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     lr_scheduler: LRSchedulerSection = Field(default_factory=LRSchedulerSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     validation: ValidationSection = Field(default_factory=ValidationSection)
+    finetune: FinetuneSection | None = None
+
+    @model_validator(mode="after")
+    def _qlora_needs_cuda(self):
+        if self.finetune is not None and self.finetune.method == "qlora" and not self.scaling.use_gpu:
+            raise ValueError("finetune.method=qlora needs CUDA GPUs and bitsandbytes (4-bit weights have no CPU "
+                             "kernels here): set scaling.use_gpu=true on a GPU cluster, or use finetune.method=lora")
+        return self
 
     @model_validator(mode="after")
     def _resolve_data_run(self):
@@ -115,7 +142,7 @@ class TrainConfig(Section):
                 self.data.train = stages / "train"
             if self.data.validation is None and (stages / "validation").is_dir():
                 self.data.validation = stages / "validation"
-        if self.data.train is None:
+        if self.data.train is None and self.finetune is None:
             raise ValueError("set `data.train` (packed shards) or `data.from_run` (a data run, or `latest`)")
         return self
 
@@ -132,7 +159,6 @@ def tokenizer_dir(config: TrainConfig) -> Path | None:
     """The tokenizer that goes with the data: explicit, else the data run's, else the checkpoint's."""
     if config.model.tokenizer is not None:
         return Path(config.model.tokenizer)
-    data_tokenizer = Path(config.data.train).parent / "tokenizer"
-    if data_tokenizer.is_dir():
-        return data_tokenizer
+    if config.data.train is not None and (Path(config.data.train).parent / "tokenizer").is_dir():
+        return Path(config.data.train).parent / "tokenizer"
     return Path(config.model.path) if config.model.path is not None else None

@@ -42,9 +42,9 @@ def optimizer_and_schedule(model: torch.nn.Module, config: TrainConfig):
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     opt = config.optimizer
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=opt.lr, betas=opt.betas, eps=opt.eps)
+    groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]],  # LoRA has no 1-d parameters
+                                  lr=opt.lr, betas=opt.betas, eps=opt.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     return optimizer, schedule
 

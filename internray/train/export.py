@@ -26,13 +26,28 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
     return {k: v.float() for k, v in states["module"].items()}
 
 
-def export_hf(checkpoint_dir: str | Path, model: torch.nn.Module, tokenizer, out: Path) -> Path:
-    """Load the consolidated weights into `model` (a freshly built skeleton) and save it as HF."""
+def export_hf(checkpoint_dir: str | Path, model: torch.nn.Module, tokenizer, out: Path,
+              adapter_only: bool = False) -> Path:
+    """Load the consolidated weights into `model` (a freshly built skeleton) and save it as HF.
+
+    A LoRA model is saved twice: its adapter (`out/adapter`, for PEFT users) and merged into the
+    base (`out`, a plain checkpoint for serving). `adapter_only` loads just the adapter weights,
+    for QLoRA, whose 4-bit base in the checkpoint is replaced by the skeleton's full-precision one.
+    """
     from internray.models.export import save_hf
 
-    missing, unexpected = model.load_state_dict(consolidated_state_dict(checkpoint_dir), strict=False)
+    state = consolidated_state_dict(checkpoint_dir)
+    if adapter_only:
+        state = {k: v for k, v in state.items() if "lora_" in k}
+    missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+    missing = set(missing) - tied
+    if adapter_only:
+        missing = {k for k in missing if "lora_" in k}
+    if unexpected or missing:
+        raise RuntimeError(f"checkpoint does not match the model: missing {sorted(missing)}, unexpected {unexpected}")
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(out / "adapter")
+        model = model.merge_and_unload()
     save_hf(model, tokenizer, out)
     return out

@@ -88,16 +88,39 @@ def train_loop_per_worker(config_dict: dict) -> None:
             ray.train.report(metrics)
 
 
-def build_model(config: TrainConfig, vocab_size: int) -> torch.nn.Module:
+def build_model(config: TrainConfig, vocab_size: int, quantize: bool = True) -> torch.nn.Module:
+    """The base model (checkpoint or preset), wrapped in LoRA adapters when finetuning with them.
+
+    QLoRA loads the base in 4-bit NF4 (bitsandbytes, CUDA only); `quantize=False` builds the
+    same module unquantized, as the exporter needs to merge adapters on a CPU.
+    """
     from transformers import AutoModelForCausalLM
 
+    method = config.finetune.method if config.finetune is not None else "full"
     if config.model.path is not None:
-        return AutoModelForCausalLM.from_pretrained(config.model.path, torch_dtype=torch.float32)
-    from internray.models.presets import model_config
+        kwargs = {"dtype": torch.float32}
+        if method == "qlora" and quantize:
+            from transformers import BitsAndBytesConfig
 
-    shape = model_config(config.model.preset, vocab_size=vocab_size,
-                         max_position_embeddings=config.model.max_position_embeddings)
-    return AutoModelForCausalLM.from_config(shape, torch_dtype=torch.float32)
+            kwargs = {"quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16)}
+        model = AutoModelForCausalLM.from_pretrained(config.model.path, **kwargs)
+    else:
+        from internray.models.presets import model_config
+
+        shape = model_config(config.model.preset, vocab_size=vocab_size,
+                             max_position_embeddings=config.model.max_position_embeddings)
+        model = AutoModelForCausalLM.from_config(shape, dtype=torch.float32)
+    if method == "full":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method == "qlora" and quantize:
+        model = prepare_model_for_kbit_training(model)
+    lora = config.finetune.lora
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=lora.target_modules, task_type="CAUSAL_LM"))
 
 
 def micro_batches(shard, batch_size: int, pad_id: int, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -116,13 +139,16 @@ def micro_batches(shard, batch_size: int, pad_id: int, skip: int) -> Iterator[tu
 
 
 def collate(batch: pa.Table, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest row. Labels are the tokens themselves (pretraining) or the `labels`
+    column (SFT: -100 on everything the model should not learn to say); pads are -100."""
     rows = batch.column("input_ids").to_pylist()
+    targets = batch.column("labels").to_pylist() if "labels" in batch.column_names else rows
     width = max(len(r) for r in rows)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     labels = np.full((len(rows), width), -100, dtype=np.int64)
-    for i, row in enumerate(rows):
+    for i, (row, target) in enumerate(zip(rows, targets)):
         ids[i, : len(row)] = row
-        labels[i, : len(row)] = row
+        labels[i, : len(target)] = target
     return torch.from_numpy(ids), torch.from_numpy(labels)
 
 

@@ -22,17 +22,31 @@ from internray.train.export import export_hf
 from internray.train.loop import build_model, train_loop_per_worker
 
 
-def run_pretrain(config: TrainConfig, stage: str = "pretrain") -> Run:
-    from transformers import AutoTokenizer
-
-    run = open_run(stage, config, config.run.root, config.run.resume)
-    print(f"[internray {stage} {run.run_id}] run directory {run.dir}" + (" (resuming)" if run.resumed else ""), flush=True)
+def run_pretrain(config: TrainConfig) -> Run:
+    run = open_stage_run("pretrain", config)
     run.add_input(config.data.train, role="train")
     if config.data.validation is not None:
         run.add_input(config.data.validation, role="validation")
+    return fit(config, run, load_tokenizer(config))
+
+
+def open_stage_run(stage: str, config: TrainConfig) -> Run:
+    run = open_run(stage, config, config.run.root, config.run.resume)
+    print(f"[internray {stage} {run.run_id}] run directory {run.dir}" + (" (resuming)" if run.resumed else ""), flush=True)
     if config.model.path is not None:
         run.add_input(config.model.path, role="base_model")
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(config)))
+    return run
+
+
+def load_tokenizer(config: TrainConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir(config)))
+
+
+def fit(config: TrainConfig, run: Run, tokenizer) -> Run:
+    """Train on `config.data.train` with Ray Train + DeepSpeed, then export, plot and finish the run."""
+    stage = run.manifest["stage"]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loop_config = {
         "config": config.model_dump(mode="json"),
@@ -56,7 +70,9 @@ def run_pretrain(config: TrainConfig, stage: str = "pretrain") -> Run:
     )
     result = trainer.fit()
     history = read_metrics(run.path("metrics.jsonl"))
-    export_hf(result.checkpoint.path, build_model(config, len(tokenizer)), tokenizer, run.path("hf"))
+    method = config.finetune.method if config.finetune is not None else "full"
+    export_hf(result.checkpoint.path, build_model(config, len(tokenizer), quantize=False), tokenizer, run.path("hf"),
+              adapter_only=method == "qlora")
     run.add_output("hf", run.path("hf"))
     plot_losses(history, run.path("loss.png"))
     run.add_output("loss_curve", run.path("loss.png"))

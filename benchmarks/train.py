@@ -1,40 +1,37 @@
-"""Pretraining benchmark: internray (Ray Train + DeepSpeed ZeRO-2) against a plain PyTorch loop.
+"""Pretraining throughput: internray (Ray Train + DeepSpeed ZeRO-2) against a plain PyTorch loop.
 
-Target (the project's): internray's tokens/s at least 0.9x a plain single-process PyTorch loop on the
-same model, data and global batch, measured in the same run, with MFU for both; on a GPU, MFU >= 40%
-on a ~0.5B InternLM3 preset in bf16.
+Target (the project's): internray's tokens/s >= 0.9x a plain single-process PyTorch loop on the same
+model, data and global batch, measured in the same run, with MFU for both; on a GPU, MFU >= 40% for
+a ~0.5B InternLM3 preset in bf16.
 
-Data: byte-level BPE tokenizer (internray.data.tokenize.train_tokenizer) trained on the running
-interpreter's standard-library sources, which are then tokenized and packed (tokenize.pack) into full
---seq-len rows, enough for every step; one Parquet shard in a temp dir, as a data run writes it.
+Data: a byte-level BPE tokenizer (internray.data.tokenize.train_tokenizer) trained on the running
+interpreter's standard-library sources, which are then packed (tokenize.pack) into full --seq-len
+rows, one row per sequence the run consumes, in one Parquet shard: what a data run writes.
 
-Systems, with the same model preset and seed, AdamW + warmup/cosine schedule, grad clipping and
-global batch (W * --micro-batch sequences per optimizer step):
-- internray: `run_pretrain` with W workers, ZeRO-2, no validation, one checkpoint at the last step.
-  On CPU each worker gets --cpus-per-worker Ray CPUs and --threads-per-worker torch threads.
-- plain: one process, one forward/backward of the whole global batch per step, rows sliced from
-  the in-memory shard; on CPU torch.set_num_threads(W * threads_per_worker), i.e. as many threads
-  as all internray workers together. bf16 = torch.autocast(bfloat16) over fp32 weights (the usual
-  plain-PyTorch recipe; DeepSpeed's bf16 instead holds bf16 weights with fp32 master copies in ZeRO).
-Timing excludes the first --warmup-steps of each. Reported per system:
-- tok/s step: timed tokens / summed per-step seconds (internray: from its metrics.jsonl; its step
-  time excludes the per-step metrics all-reduce, ray.train.report and the final checkpoint).
-- tok/s wall: timed tokens / wall time between the end of the last warm-up step and the end of the
-  last step (internray: when each step's line appears in metrics.jsonl); includes every overhead.
-- MFU: flops_per_token (6N + 12LdT) * tok/s / peak, with one peak for both: internray's
-  `peak_flops` (GPU datasheet bf16 peak; on CPU the best of 3 measured matmul rates at
-  threads_per_worker threads) per worker, times W (CPU) or 1 GPU for the plain loop. It is passed
-  to internray as scaling.peak_flops_per_worker so both use the same denominator.
-- end-to-end seconds: internray from ray.init to run_pretrain's return (Ray, DeepSpeed, checkpoint,
-  HF export); plain from building the model to the last step.
+Both systems: same preset and seed, AdamW + warmup/cosine schedule, grad clipping, and global batch
+(W * --micro-batch sequences per step); the first --warmup-steps are not timed.
+- internray: `run_pretrain`, W workers, ZeRO-2, no validation, one checkpoint (the last step); on
+  CPU --cpus-per-worker Ray CPUs and --threads-per-worker torch threads per worker.
+- plain: one process, one forward/backward over the whole global batch per step; on CPU
+  W * threads-per-worker torch threads (as many as all workers together). bf16 = torch.autocast
+  over fp32 weights, plain PyTorch's usual recipe (DeepSpeed's bf16 holds bf16 weights plus fp32
+  master weights in the ZeRO optimizer).
+Columns: "tok/s step" = timed tokens / summed per-step times (internray's from its metrics.jsonl,
+which exclude ray.train.report and its metric all-reduces); "tok/s wall" = timed tokens / wall time
+from the end of the last warm-up step to the end of the last step (internray: when each step's line
+appears in metrics.jsonl), every per-step overhead included; MFU = flops_per_token (6N + 12LdT) *
+tok/s / peak, one peak for both: internray's `peak_flops` per worker (GPU: datasheet bf16; CPU: best
+of 3 measured matmul rates at threads-per-worker threads), x W on CPU, passed to internray as
+scaling.peak_flops_per_worker; "end-to-end" = internray from ray.init to run_pretrain's return
+(Ray, DeepSpeed, checkpoint, HF export), plain from building the model to its last step.
 
-Run:      .venv/bin/python benchmarks/train.py [--steps 20] [--json results.json]
-GPU:      .venv/bin/python benchmarks/train.py --gpu --preset 0.5b --precision bf16 --seq-len 2048 --workers 1
+Run:  .venv/bin/python benchmarks/train.py [--steps 20] [--json results.json]
+GPU:  .venv/bin/python benchmarks/train.py --gpu --preset 0.5b --precision bf16 --seq-len 2048 --workers 1
 """
 from __future__ import annotations
 
 import argparse
-import inspect
+import itertools
 import json
 import sys
 import sysconfig
@@ -84,10 +81,8 @@ def build_shards(root: Path, seq_len: int, rows_needed: int) -> Path:
     files = sorted(p for p in stdlib.rglob("*.py") if not {"test", "tests", "site-packages"} & set(p.relative_to(stdlib).parts))
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
     texts = [t for t in texts if t.strip()]
-    sample, chars = [], 0
-    while chars < TOKENIZER_CHARS and len(sample) < len(texts):
-        sample.append(texts[len(sample)])
-        chars += len(sample[-1])
+    sizes = itertools.accumulate(len(t) for t in texts)
+    sample = [t for t, before in zip(texts, itertools.chain([0], sizes)) if before < TOKENIZER_CHARS]
     train_tokenizer(sample, vocab_size=VOCAB_SIZE, min_frequency=2, out=root / "tokenizer")
     from transformers import AutoTokenizer
 
@@ -203,7 +198,7 @@ def run_internray(config: TrainConfig, args, per_token: float, peak: float) -> d
     reported_mfu = sum(h["mfu"] * s for h, s in zip(history[args.warmup_steps:], seconds[args.warmup_steps:]))
     result = rates(tokens, seconds, ends, args.warmup_steps, per_token, peak * args.workers)
     return result | {"end_to_end_s": end_to_end, "reported_mfu": reported_mfu / sum(seconds[args.warmup_steps:]),
-                     "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "run_dir": str(run.dir)}
+                     "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"]}
 
 
 def main() -> None:

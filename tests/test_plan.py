@@ -155,7 +155,7 @@ def test_render_shows_the_scaling_config_and_a_deepspeed_config_with_the_chosen_
     assert f"activation checkpointing {'on' if p.activation_checkpointing else 'off'}" in text
 
 
-def test_plan_overrides_give_a_train_config_with_the_same_deepspeed_config(tmp_path):
+def test_plan_overrides_give_a_pretrain_config_with_the_same_deepspeed_config(tmp_path):
     p = plan("20b", gpus=8, gpu_memory_gb=40, seq_len=4096)  # offloads: the richest DeepSpeed config
     data = {"data": {"train": str(tmp_path)}}
     for override in p.overrides():
@@ -163,3 +163,19 @@ def test_plan_overrides_give_a_train_config_with_the_same_deepspeed_config(tmp_p
     config = validate_config(TrainConfig, data)
     assert deepspeed_config(config) == p.deepspeed_config()
     assert config.training.activation_checkpointing == p.activation_checkpointing
+    assert "internray pretrain CONFIG scaling.num_workers=8" in p.render()
+
+
+def test_qlora_plan_overrides_give_a_finetune_config_with_its_method_rank_and_length(tmp_path):
+    p = plan(LLAMA2_7B, gpus=1, gpu_memory_gb=8, seq_len=2048, method="qlora")
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text('{"instruction": "hi", "output": "hello"}\n')
+    data = {"finetune": {"data": str(sft)}}
+    for override in p.overrides():
+        apply_override(data, override)
+    config = validate_config(TrainConfig, data)
+    assert deepspeed_config(config) == p.deepspeed_config()
+    assert (config.finetune.method, config.finetune.lora.r, config.finetune.max_len) == ("qlora", 64, 2048)
+    assert config.finetune.lora.target_modules == [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # what the plan counts
+    assert "internray finetune CONFIG" in p.render()

@@ -118,14 +118,17 @@ def test_deepspeed_matches_a_plain_pytorch_loop(ray_cluster, shards, tmp_path):
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, shards, tmp_path):
-    cfg = config(shards, tmp_path, training={"steps": 16}, checkpoint={"every_steps": 4, "max_failures": 2})
+    cfg = config(shards, tmp_path, training={"steps": 40}, checkpoint={"every_steps": 4, "max_failures": 2})
     killed: list[int] = []
 
-    def kill_a_worker_after_step_6():
+    def kill_a_worker_after_a_collected_checkpoint():
+        """Past step 9 the step-8 report (a checkpoint) has been handed over, which Ray Train's
+        one-slot report queue allows only once the step-4 checkpoint was collected."""
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
             metrics = list(Path(cfg.run.root).glob("pretrain-*/metrics.jsonl"))
-            if metrics and any(json.loads(line)["step"] >= 6 for line in metrics[0].read_text().splitlines()):
+            lines = metrics[0].read_text().splitlines() if metrics else []
+            if lines and json.loads(lines[-1])["step"] >= 10:
                 for proc in psutil.process_iter(["cmdline"]):
                     if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
                         proc.kill()
@@ -133,14 +136,15 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, shards, t
                         return
             time.sleep(0.2)
 
-    killer = threading.Thread(target=kill_a_worker_after_step_6)
+    killer = threading.Thread(target=kill_a_worker_after_a_collected_checkpoint)
     killer.start()
     run = run_pretrain(cfg)
     killer.join()
     assert killed, "no training worker was found to kill"
     steps = [json.loads(line)["step"] for line in run.path("metrics.jsonl").read_text().splitlines()]
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
-    assert steps[restart] == 5  # resumed right after the step-4 checkpoint
-    assert steps[-1] == 16 and read_manifest(run.dir)["status"] == "complete"
+    assert steps[restart] > 1 and (steps[restart] - 1) % 4 == 0  # resumed right after a checkpoint, not from scratch
+    assert steps[restart] <= steps[restart - 1]  # and redid the steps after it
+    assert steps[-1] == 40 and read_manifest(run.dir)["status"] == "complete"
     history = read_metrics(run.path("metrics.jsonl"))
-    assert history[-1]["tokens_seen"] == 16 * 2 * 2 * SEQ_LEN  # no step counted twice
+    assert history[-1]["tokens_seen"] == 40 * 2 * 2 * SEQ_LEN  # no step counted twice

@@ -5,6 +5,8 @@ GPU); DeepSpeed wraps the model in that group. The loop is the nanoGPT loop with
 additions: it resumes from the latest checkpoint Ray Train hands back (skipping the batches
 already seen, so a restarted run sees the same data), it reports metrics every step, and every
 `checkpoint.every_steps` all ranks save their DeepSpeed shards into one Ray Train checkpoint.
+Step times are measured from the end of one step to the end of the next, so tokens/s and MFU
+include data loading, communication, reporting and checkpointing.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from internray.train.config import TrainConfig
 from internray.train.engine import deepspeed_config, flops_per_token, optimizer_and_schedule, peak_flops
 
 CHECKPOINT_TAG = "ds"
+REPORT_EVERY_S = 10.0
 STATE_FILE = "train_state.json"
 
 
@@ -52,8 +55,9 @@ def train_loop_per_worker(config_dict: dict) -> None:
     peak = peak_flops(config)
     metrics_file = Path(config_dict["metrics_file"]) if rank == 0 else None
 
+    gauges = TrainGauges(config_dict["run_id"]) if rank == 0 else None
+    last_report = step_end = time.perf_counter()
     while step < config.training.steps:
-        started = time.perf_counter()
         engine.train()
         losses, step_tokens = [], 0
         for _ in range(config.training.grad_accum_steps):
@@ -64,12 +68,13 @@ def train_loop_per_worker(config_dict: dict) -> None:
             losses.append(loss.detach().float())
             step_tokens += int((labels != -100).sum())
         step += 1
-        seconds = time.perf_counter() - started
-        global_tokens = _sum_across_ranks(step_tokens)
+        mean_loss, global_tokens = _across_ranks(torch.stack(losses).mean(), step_tokens)
+        now = time.perf_counter()
+        seconds, step_end = now - step_end, now  # wall time since the last step ended: every overhead counts
         tokens_seen += global_tokens
         metrics = {
             "step": step,
-            "loss": _mean_across_ranks(torch.stack(losses).mean()),
+            "loss": mean_loss,
             "lr": schedule.get_last_lr()[0],
             "grad_norm": float(engine.get_global_grad_norm() or 0.0),
             "tokens_per_s": global_tokens / seconds,
@@ -82,10 +87,35 @@ def train_loop_per_worker(config_dict: dict) -> None:
         if metrics_file is not None:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            gauges.set(metrics)
         if step % config.checkpoint.every_steps == 0 or step == config.training.steps:
             save_and_report(engine, metrics, step, tokens_seen, rank)
-        else:
+            last_report = time.perf_counter()
+        elif time.perf_counter() - last_report >= REPORT_EVERY_S:
             ray.train.report(metrics)
+            last_report = time.perf_counter()
+
+
+class TrainGauges:
+    """Per-step metrics into Ray's metrics pipeline (the dashboard's Metrics view), from rank 0.
+
+    Ray Train's own `report` blocks until its controller collects it (it polls every ~2 s), so
+    the loop reports to Ray Train only every REPORT_EVERY_S and at checkpoints; these gauges
+    carry every step without waiting.
+    """
+
+    NAMES = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gb", "val_loss")
+
+    def __init__(self, run_id: str):
+        from ray.util.metrics import Gauge
+
+        self.tags = {"run": run_id}
+        self.gauges = {name: Gauge(f"internray_train_{name}", f"train {name}", tag_keys=("run",)) for name in self.NAMES}
+
+    def set(self, metrics: dict) -> None:
+        for name, gauge in self.gauges.items():
+            if name in metrics:
+                gauge.set(float(metrics[name]), tags=self.tags)
 
 
 def build_model(config: TrainConfig, vocab_size: int, quantize: bool = True) -> torch.nn.Module:
@@ -205,7 +235,8 @@ def _mean_across_ranks(value: torch.Tensor) -> float:
     return float(value) / dist.get_world_size()
 
 
-def _sum_across_ranks(value: int) -> int:
-    tensor = torch.tensor(value, dtype=torch.int64)
-    dist.all_reduce(tensor)
-    return int(tensor)
+def _across_ranks(loss: torch.Tensor, tokens: int) -> tuple[float, int]:
+    """Mean loss and total tokens over all ranks, in one all-reduce."""
+    both = torch.tensor([float(loss), float(tokens)], dtype=torch.float64)
+    dist.all_reduce(both)
+    return float(both[0]) / dist.get_world_size(), int(both[1])

@@ -6,8 +6,8 @@ every DeepSpeed layout (ZeRO stage 0-3, optimizer and parameter offload, activat
 checkpointing on or off), picks the cheapest layout that fits, and returns the Ray
 `ScalingConfig` and DeepSpeed config a training job would be submitted with.
 
-Memory is counted in GiB (2**30 bytes): GPU makers' "80 GB" and DeepSpeed's estimators both
-mean GiB. Per GPU it is
+Memory is counted in GiB (2**30 bytes), as DeepSpeed's estimators count it; an A100's "80 GB"
+is 80 GiB. Per GPU it is
 
 - model states: DeepSpeed's own estimators (`estimate_zero2_model_states_mem_needs`,
   `estimate_zero3_model_states_mem_needs`) for stages 2 and 3; stages 0 and 1, for which
@@ -48,6 +48,7 @@ class Shape:
     hidden: int
     layers: int
     vocab: int
+    lora_rank: int  # 0 for full training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,12 +132,17 @@ class Plan:
         return deepspeed_config(self.train_config())
 
     def overrides(self) -> list[str]:
-        """The same settings as `key=value` overrides for `internray pretrain CONFIG ...`."""
+        """These settings as `key=value` overrides: for `internray pretrain CONFIG` (full), or for
+        `internray finetune CONFIG` with a `finetune` section (LoRA, QLoRA)."""
         config = self.train_config()
-        return [f"{section}.{key}={json.dumps(getattr(getattr(config, section), key))}" for section, key in [
-            ("scaling", "num_workers"), ("scaling", "use_gpu"), ("scaling", "zero_stage"),
-            ("scaling", "offload_optimizer"), ("scaling", "offload_params"), ("training", "micro_batch_size"),
-            ("training", "grad_accum_steps"), ("training", "activation_checkpointing")]]
+        keys = [("scaling", key) for key in ("num_workers", "use_gpu", "zero_stage", "offload_optimizer",
+                                            "offload_params")]
+        keys += [("training", key) for key in ("micro_batch_size", "grad_accum_steps", "activation_checkpointing")]
+        settings = [f"{section}.{key}={json.dumps(getattr(getattr(config, section), key))}" for section, key in keys]
+        if self.method != "full":
+            settings += [f"finetune.method={self.method}", f"finetune.lora.r={self.shape.lora_rank}",
+                         f"finetune.max_len={self.seq_len}"]
+        return settings
 
     def verdict(self) -> str:
         if self.fits:
@@ -172,7 +178,8 @@ class Plan:
                       + f" GiB per GPU; host RAM {m['cpu_per_node']:.1f} GiB per node", "",
                       f"ray.train.ScalingConfig(**{json.dumps(self.scaling_config())})", "",
                       "DeepSpeed config:", json.dumps(self.deepspeed_config(), indent=2), "",
-                      "as overrides:  internray pretrain CONFIG " + " ".join(self.overrides())]
+                      f"as overrides:  internray {'pretrain' if self.method == 'full' else 'finetune'} CONFIG "
+                      + " ".join(self.overrides())]
         return "\n".join(lines)
 
 
@@ -189,7 +196,8 @@ def plan(preset_or_config: str | PretrainedConfig, gpus: int, gpu_memory_gb: flo
     if method not in ("full", "lora", "qlora"):
         raise ValueError(f"unknown method {method!r}; valid: full, lora, qlora")
     if gpus > gpus_per_node and gpus % gpus_per_node:
-        raise ValueError(f"{gpus} GPUs do not fill nodes of {gpus_per_node}; use a multiple or set gpus_per_node")
+        raise ValueError(f"{gpus} GPUs do not fill whole nodes of {gpus_per_node}: use a multiple of {gpus_per_node}, "
+                         "or set gpus_per_node")
     shape = model_shape(preset_or_config, method, lora_rank, vocab_size)
     per_node, nodes = min(gpus, gpus_per_node), max(1, gpus // gpus_per_node)
     gpu_limit = usable_gib(gpu_memory_gb) * GIB
@@ -267,7 +275,7 @@ def activation_bytes(shape: Shape, seq_len: int, micro_batch: int, checkpointing
     """Activation memory per GPU for one micro-batch, forward plus backward peak.
 
     Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
-    eq. 2: a transformer layer keeps s*b*h*(34 + 5*a*s/h) bytes of 16-bit activations. Flash /
+    section 4.1: a transformer layer keeps s*b*h*(34 + 5*a*s/h) bytes of 16-bit activations. Flash /
     SDPA attention (what transformers uses on GPU) never stores the a*s*s scores, so the 5as/h
     term goes: 34*s*b*h. The 34 is counted for a GPT block; a SwiGLU block without dropout
     comes within ~10%. With full activation checkpointing a layer keeps only its input,
@@ -295,7 +303,7 @@ def model_shape(preset_or_config: str | PretrainedConfig, method: str, lora_rank
     frozen = 0 if method == "full" else \
         2 * params if method == "lora" else NF4_BYTES * linear + 2 * (params - linear)
     return Shape(name, params, trainable, frozen, max(config.vocab_size * h, h * i, h * q),
-                 h, layers, config.vocab_size)
+                 h, layers, config.vocab_size, 0 if method == "full" else lora_rank)
 
 
 def usable_gib(gpu_memory_gb: float) -> float:

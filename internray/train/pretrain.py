@@ -54,6 +54,7 @@ def fit(config: TrainConfig, run: Run, tokenizer) -> Run:
         "pad_id": pad_id,
         "seq_len": sequence_length(config.data.train),
         "metrics_file": str(run.path("metrics.jsonl").resolve()),
+        "run_id": run.run_id,
     }
     scaling = config.scaling
     trainer = TorchTrainer(

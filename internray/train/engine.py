@@ -86,11 +86,15 @@ def peak_flops(config: TrainConfig) -> float:
     return measured_matmul_flops(torch.bfloat16 if config.training.precision == "bf16" else torch.float32)
 
 
-def measured_matmul_flops(dtype: torch.dtype, size: int = 512, repeats: int = 8) -> float:
-    """What this worker's threads achieve on a square matmul: a CPU's practical peak."""
+def measured_matmul_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 4, trials: int = 3) -> float:
+    """What this worker's threads achieve on a large square matmul (best of `trials`): a CPU's
+    practical peak. Noisy on a shared machine; set `scaling.peak_flops_per_worker` to pin it."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
+    return best

@@ -37,6 +37,13 @@ def deepspeed_config(config: TrainConfig) -> dict:
     }
 
 
+def scaling_kwargs(config: TrainConfig) -> dict:
+    """The keyword arguments of `ray.train.ScalingConfig` for this job (the planner prints them)."""
+    scaling = config.scaling
+    return {"num_workers": scaling.num_workers, "use_gpu": scaling.use_gpu,
+            "resources_per_worker": {"CPU": scaling.cpus_per_worker}}
+
+
 def optimizer_and_schedule(model: torch.nn.Module, config: TrainConfig):
     """AdamW (no decay on norms and biases) and linear warmup + cosine decay to min_lr_ratio."""
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]

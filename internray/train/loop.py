@@ -3,7 +3,7 @@
 Ray Train starts one copy per worker inside a torch.distributed group (gloo on CPU, NCCL on
 GPU); DeepSpeed wraps the model in that group. The loop is the nanoGPT loop with three
 additions: it resumes from the latest checkpoint Ray Train hands back (skipping the batches
-already seen, so a restarted run sees the same data), it reports metrics every step, and every
+already seen, so a restarted run sees the same data), it records metrics every step (metrics.jsonl, Ray gauges), and every
 `checkpoint.every_steps` all ranks save their DeepSpeed shards into one Ray Train checkpoint.
 Step times are measured from the end of one step to the end of the next, so tokens/s and MFU
 include data loading, communication, reporting and checkpointing.

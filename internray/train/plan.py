@@ -120,10 +120,10 @@ class Plan:
                                    offload_optimizer=self.offload_optimizer, offload_params=self.offload_params))
 
     def scaling_config(self) -> dict:
-        """kwargs for `ray.train.ScalingConfig`, built as internray.train.pretrain builds them."""
-        scaling = self.train_config().scaling
-        return {"num_workers": scaling.num_workers, "use_gpu": scaling.use_gpu,
-                "resources_per_worker": {"CPU": scaling.cpus_per_worker}}
+        """Exactly the `ray.train.ScalingConfig` kwargs `internray.train.pretrain` would submit."""
+        from internray.train.engine import scaling_kwargs
+
+        return scaling_kwargs(self.train_config())
 
     def deepspeed_config(self) -> dict:
         """Exactly what `internray.train.engine.deepspeed_config` hands DeepSpeed for this plan."""

@@ -18,6 +18,7 @@ from ray.train.torch import TorchTrainer
 
 from internray.runs import Run, open_run
 from internray.train.config import TrainConfig, tokenizer_dir
+from internray.train.engine import scaling_kwargs
 from internray.train.export import export_hf
 from internray.train.loop import build_model, train_loop_per_worker
 
@@ -56,12 +57,10 @@ def fit(config: TrainConfig, run: Run, tokenizer) -> Run:
         "metrics_file": str(run.path("metrics.jsonl").resolve()),
         "run_id": run.run_id,
     }
-    scaling = config.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
+        scaling_config=ScalingConfig(**scaling_kwargs(config)),
         run_config=RunConfig(
             name=run.run_id, storage_path=str(run.path("ray").resolve()),
             failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),

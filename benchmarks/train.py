@@ -67,6 +67,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cpus-per-worker", type=float, default=0.5, help="Ray CPUs per worker (CPU runs)")
     p.add_argument("--threads-per-worker", type=int, default=1, help="torch threads per worker (CPU runs)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=2)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker; the plain loop on one GPU")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
@@ -110,7 +111,7 @@ def make_config(args, shards: Path, run_root: Path, peak: float | None = None) -
         "data": {"train": str(shards)},
         "lr_scheduler": {"warmup_steps": args.warmup_steps},
         "training": {"steps": total, "micro_batch_size": args.micro_batch, "precision": args.precision},
-        "scaling": {"num_workers": args.workers, "use_gpu": args.gpu, "zero_stage": 2,
+        "scaling": {"num_workers": args.workers, "use_gpu": args.gpu, "zero_stage": args.zero_stage,
                     "cpus_per_worker": 1.0 if args.gpu else args.cpus_per_worker,
                     "threads_per_worker": args.threads_per_worker, "peak_flops_per_worker": peak},
         "checkpoint": {"every_steps": total, "max_failures": 0},

@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "plan":
             return plan_command(args)
+        if args.command == "serve":
+            return serve_command(args)
         if args.command == "demo":
             _connect(args.address)
             from internray.demo import run_demo
@@ -82,6 +84,27 @@ def plan_command(args) -> int:
         raise ConfigError(f"plan: {err}") from None
     print(result.render())
     return 0 if result.fits else 1
+
+
+def serve_command(args) -> int:
+    """Validate everything first (config, model directories), then start Ray and the app."""
+    import yaml
+
+    from internray.serve.launch import serve_config, serve_forever
+
+    if not args.model_dir and not args.config:
+        raise ConfigError("serve: give a MODEL_DIR or --config serve.yaml")
+    config_dict = yaml.safe_load(Path(args.config).read_text()) if args.config else None
+    config = serve_config(args.model_dir, config_dict, tensor_parallel_size=args.tp, kv_cache_gib=args.kv_cache_gib,
+                          served_name=args.served_name, max_model_len=args.max_model_len, dtype=args.dtype,
+                          device=args.device, host=args.host, port=args.port, api_keys=args.api_key,
+                          max_replicas=args.max_replicas)
+    for model in config.models:
+        if not Path(model.model, "config.json").is_file():
+            raise FileNotFoundError(f"serve: {model.model} is not an HF checkpoint directory (no config.json)")
+    _connect(args.address)
+    serve_forever(config)
+    return 0
 
 
 def doctor(address: str | None) -> int:
@@ -149,6 +172,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="a Hugging Face checkpoint directory (e.g. a run's hf/)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
+    p = sub.add_parser("serve", help="serve checkpoints over an OpenAI-compatible API (Ray Serve)")
+    p.add_argument("model_dir", nargs="*", help="HF checkpoint directories (one model each)")
+    p.add_argument("--config", help="a ServeConfig YAML (models: [...], server: {...}); flags override it")
+    p.add_argument("--tp", type=int, help="tensor-parallel ranks per replica")
+    p.add_argument("--kv-cache-gib", type=float, help="KV-cache memory per rank (default 1)")
+    p.add_argument("--served-name", help="the model name clients send (default: the directory name)")
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--host", help="default 127.0.0.1")
+    p.add_argument("--port", type=int, help="default 8000")
+    p.add_argument("--api-key", action="append", help="accept this Bearer key (repeatable); default: no auth")
+    p.add_argument("--max-replicas", type=int, help="autoscale up to this many replicas per model")
+    p.add_argument("--address")
     p = sub.add_parser("demo", help="run every stage end to end on real offline material")
     p.add_argument("--root", default="runs", help="where runs are written (default: ./runs)")
     p.add_argument("--address")

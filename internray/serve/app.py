@@ -1,0 +1,217 @@
+"""The Ray Serve application: one `LLMServer` deployment per model behind one OpenAI router.
+
+    HTTP -> OpenAIRouter (FastAPI ingress: auth, validation, concurrency cap, SSE)
+              -> LLMServer[model] (autoscaled replicas; each owns an AsyncLLMEngine and, with
+                 tensor parallelism, reserves bundles for its other ranks)
+
+Errors travel from the replica as values (never as exceptions), so the router can still answer
+with the right status code before a stream starts.
+"""
+
+import json
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from internray.serve.config import EngineConfig, ServeConfig, ServerConfig
+from internray.serve.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+
+WEBUI = Path(__file__).parent / "webui" / "index.html"
+ERROR_KEY = "__openai_error__"
+
+
+def served_name(config: EngineConfig) -> str:
+    return config.served_name or Path(config.model).name
+
+
+@serve.deployment
+class LLMServer:
+    """One model's engine. `generate` streams what OpenAIServing yields, or one error item."""
+
+    def __init__(self, engine: dict, server: dict):
+        from internray.serve.engine.async_engine import AsyncLLMEngine
+        from internray.serve.openai.serving import OpenAIServing
+
+        engine, server = EngineConfig(**engine), ServerConfig(**server)
+        self.engine = AsyncLLMEngine(engine, cpus_per_rank=server.cpus_per_rank, gpus_per_rank=server.gpus_per_rank)
+        self.serving = OpenAIServing(self.engine, served_name(engine))
+
+    def model_card(self) -> dict:
+        return self.serving.model_card()
+
+    def metrics(self) -> bytes:
+        return self.engine.engine.metrics.render(self.engine.status())
+
+    async def generate(self, request: CompletionRequest | ChatCompletionRequest):
+        stream = (self.serving.chat(request) if isinstance(request, ChatCompletionRequest)
+                  else self.serving.completions(request))
+        started = False
+        try:
+            async for item in stream:
+                started = True
+                yield item
+        except OpenAIError as e:
+            if not started:
+                yield {ERROR_KEY: e.status, **e.body()}
+            else:  # mid-stream: say so in the stream, as OpenAI does
+                yield f"data: {json.dumps(e.body())}\n\n"
+        finally:
+            await stream.aclose()  # a cancelled call lands here: the engine frees the sequences
+
+
+api = FastAPI(title="internray OpenAI-compatible API")
+
+
+def error_response(e: OpenAIError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if e.status == 429 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+@api.exception_handler(OpenAIError)
+async def _openai_error(request: Request, e: OpenAIError):
+    return error_response(e)
+
+
+@serve.deployment(max_ongoing_requests=1024)
+@serve.ingress(api)
+class OpenAIRouter:
+    def __init__(self, servers: dict[str, DeploymentHandle], server: dict):
+        self.servers = servers
+        self.config = ServerConfig(**server)
+        self.inflight = dict.fromkeys(servers, 0)
+        self.cards: dict[str, dict] = {}
+
+    def _authorize(self, request: Request) -> None:
+        if not self.config.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        if not header.startswith("Bearer ") or header[7:] not in self.config.api_keys:
+            raise OpenAIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`",
+                              type="authentication_error", code="invalid_api_key")
+
+    async def _body(self, request: Request, model_cls):
+        self._authorize(request)
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise OpenAIError(400, f"the request body is not valid JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise OpenAIError(400, "the request body must be a JSON object")
+        try:
+            parsed = model_cls.model_validate(body)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(p) for p in first["loc"])
+            raise OpenAIError(400, f"`{param}`: {first['msg']} ({e.error_count()} problem(s) in the request)",
+                              param=param) from e
+        if parsed.model not in self.servers:
+            raise OpenAIError(404, f"The model `{parsed.model}` does not exist (served: {', '.join(self.servers)})",
+                              param="model", code="model_not_found")
+        return parsed
+
+    async def _dispatch(self, request: Request, model_cls):
+        parsed = await self._body(request, model_cls)
+        model = parsed.model
+        if self.inflight[model] >= self.config.max_concurrent_requests:
+            raise OpenAIError(429, f"`{model}` is at its limit of {self.config.max_concurrent_requests} concurrent "
+                                   "requests; retry shortly", type="rate_limit_error", code="rate_limit_exceeded")
+        self.inflight[model] += 1
+        released = False
+
+        def release():
+            nonlocal released
+            if not released:
+                released = True
+                self.inflight[model] -= 1
+
+        try:
+            stream = self.servers[model].options(stream=True).generate.remote(parsed)
+            first = await stream.__anext__()
+            if isinstance(first, dict) and ERROR_KEY in first:
+                status = first.pop(ERROR_KEY)
+                stream.cancel()
+                return JSONResponse(first, status_code=status)
+            if not parsed.stream:
+                return JSONResponse(first)
+        except BaseException:
+            release()
+            raise
+        else:
+            if not parsed.stream:
+                release()
+
+        async def events():
+            try:
+                yield first
+                async for item in stream:
+                    yield item
+            finally:  # also on client disconnect: cancelling the call frees the sequences
+                stream.cancel()
+                release()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._dispatch(request, CompletionRequest)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._dispatch(request, ChatCompletionRequest)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        self._authorize(request)
+        for name, handle in self.servers.items():
+            if name not in self.cards:
+                self.cards[name] = await handle.model_card.remote()
+        return {"object": "list", "data": list(self.cards.values())}
+
+    @api.get("/health")
+    async def health(self):
+        for handle in self.servers.values():
+            await handle.model_card.remote()
+        return {"status": "ok", "models": list(self.servers)}
+
+    @api.get("/metrics")
+    async def metrics(self):
+        texts = [await handle.metrics.remote() for handle in self.servers.values()]
+        return Response(b"".join(texts), media_type="text/plain; version=0.0.4")
+
+    @api.get("/")
+    async def webui(self):
+        return HTMLResponse(WEBUI.read_text(encoding="utf-8"))
+
+
+def llm_deployment(engine: EngineConfig, server: ServerConfig):
+    """LLMServer for one model: autoscaled on ongoing requests; with tensor parallelism the replica
+    reserves one bundle per extra rank, so its ranks are placed (and removed) with it."""
+    rank0 = {"CPU": server.cpus_per_replica} | ({"GPU": server.gpus_per_rank} if server.gpus_per_rank else {})
+    others = [{"CPU": server.cpus_per_rank} | ({"GPU": server.gpus_per_rank} if server.gpus_per_rank else {})
+              for _ in range(engine.tensor_parallel_size - 1)]
+    options = {
+        "name": f"LLMServer:{served_name(engine)}",
+        "max_ongoing_requests": engine.max_num_seqs * 2,
+        "autoscaling_config": {"min_replicas": server.min_replicas, "max_replicas": server.max_replicas,
+                               "initial_replicas": max(server.min_replicas, 1),
+                               "target_ongoing_requests": server.target_ongoing_requests,
+                               "upscale_delay_s": 3, "downscale_delay_s": 10, "metrics_interval_s": 1,
+                               "look_back_period_s": 3},
+        "ray_actor_options": {"num_cpus": server.cpus_per_replica, "num_gpus": server.gpus_per_rank},
+        "health_check_timeout_s": 120,
+    }
+    if others:
+        options |= {"placement_group_bundles": [rank0] + others, "placement_group_strategy": "PACK"}
+    return LLMServer.options(**options).bind(engine.model_dump(), server.model_dump())
+
+
+def build_app(config: ServeConfig):
+    names = [served_name(m) for m in config.models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two models share a served name: {names}; set `served_name`")
+    servers = {served_name(m): llm_deployment(m, config.server) for m in config.models}
+    return OpenAIRouter.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(servers, config.server.model_dump())

@@ -1,0 +1,61 @@
+"""Logits -> next tokens, per sequence's SamplingParams, batched where the maths allows.
+
+Order (vLLM's): penalties, then greedy argmax or temperature -> top-k -> top-p -> draw. Logprobs
+are of the model's own distribution (log-softmax of the raw logits), as OpenAI reports them.
+A sequence with a seed draws from its own generator, so its output does not depend on its batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from internray.serve.engine.sequence import Sequence
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    for row, seq in zip(logits, seqs):
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+            scores = row[seen]
+            row[seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.num_completion_tokens:
+            ids, counts = torch.tensor(seq.completion_token_ids).unique(return_counts=True)
+            row[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(row.dtype)
+    return logits
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
+    """logits: [len(seqs), vocab] fp32. Returns the next token of each sequence and, where asked,
+    {"token": id, "logprob": x, "top": [(id, logprob), ...]}."""
+    logprobs = logits.log_softmax(-1) if any(s.params.logprobs is not None for s in seqs) else None
+    logits = apply_penalties(logits.clone(), seqs)
+    tokens = []
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if p.greedy:
+            tokens.append(int(logits[i].argmax()))
+            continue
+        row = filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
+        tokens.append(int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator)))
+    infos: list[dict | None] = []
+    for i, (seq, token) in enumerate(zip(seqs, tokens)):
+        k = seq.params.logprobs
+        if k is None:
+            infos.append(None)
+            continue
+        top = logprobs[i].topk(k) if k else None
+        infos.append({"token": token, "logprob": float(logprobs[i, token]),
+                      "top": [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))})
+    return tokens, infos

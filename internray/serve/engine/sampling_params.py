@@ -1,0 +1,57 @@
+"""What one request asks the sampler and the stop checker to do."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses as given (the API turns it into a 400 naming `param`)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    """OpenAI's sampling fields plus vLLM's extras (top_k, repetition_penalty, stop_token_ids).
+
+    temperature 0 means greedy. Penalties follow their sources: repetition_penalty is CTRL/HF's
+    (divide positive logits of every token seen, prompt included, multiply negative ones);
+    presence/frequency penalties are OpenAI's (subtract, over generated tokens only).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None = off; k >= 0 = the sampled token's logprob plus the top k
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "must be >= 0 (0 turns it off)"),
+            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
+            (len(self.stop) <= 16 and all(self.stop), "stop", "at most 16 non-empty strings"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
+        ]
+        for ok, param, why in checks:
+            if not ok:
+                raise InvalidRequest(f"`{param}` {why} (got {getattr(self, param)!r})", param)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

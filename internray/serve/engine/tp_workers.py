@@ -1,0 +1,81 @@
+"""Tensor parallelism across Ray actors: rank 0 runs in the engine's own process, ranks 1..N-1 are
+actors, and all N join one torch.distributed group (gloo on CPU, NCCL on GPU).
+
+Each step the engine sends the same `StepInput` to every rank and runs rank 0 itself; the ranks
+meet only inside the row-parallel all-reduces. Under Ray Serve the actors are placed in the
+replica's own placement group (`placement_group_bundles`), so a replica and its ranks come and go
+together.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import ray
+import torch.distributed as dist
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from internray.serve.config import EngineConfig
+from internray.serve.engine.model_runner import ModelRunner, StepInput, resolve_device
+from internray.serve.model.layers import TPInfo
+
+
+def init_group(rank: int, world: int, address: str, backend: str) -> None:
+    dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=300))
+
+
+@ray.remote
+class RankWorker:
+    """Rank >= 1: its model shard and KV-cache slice."""
+
+    def __init__(self, engine: EngineConfig, rank: int, address: str, backend: str, num_blocks: int):
+        os.environ.setdefault("OMP_NUM_THREADS", str(engine.threads_per_rank or 1))
+        init_group(rank, engine.tensor_parallel_size, address, backend)
+        self.runner = ModelRunner(engine, TPInfo(rank, engine.tensor_parallel_size), num_blocks)
+
+    def ready(self) -> bool:
+        return True
+
+    def execute(self, step: StepInput) -> None:
+        self.runner.execute(step)
+
+
+class TensorParallelGroup:
+    """The engine's handle on all ranks: `execute(step)` returns rank 0's logits."""
+
+    def __init__(self, engine: EngineConfig, num_blocks: int, cpus_per_rank: float = 1.0, gpus_per_rank: float = 0.0):
+        world = engine.tensor_parallel_size
+        backend = "nccl" if resolve_device(engine.device).type == "cuda" else "gloo"
+        address = f"{ray.util.get_node_ip_address()}:{free_port()}"
+        pg = get_current_placement_group()
+        self.workers = []
+        for rank in range(1, world):
+            options = {"num_cpus": cpus_per_rank, "num_gpus": gpus_per_rank}
+            if pg is not None:  # a Serve replica: bundle 0 is the replica itself
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
+            self.workers.append(RankWorker.options(**options).remote(engine, rank, address, backend, num_blocks))
+        init_group(0, world, address, backend)  # returns once every rank has joined
+        self.runner = ModelRunner(engine, TPInfo(0, world), num_blocks)
+        ray.get([w.ready.remote() for w in self.workers])
+
+    def execute(self, step: StepInput):
+        ref = ray.put(step)
+        pending = [w.execute.remote(ref) for w in self.workers]
+        logits = self.runner.execute(step)
+        ray.get(pending)  # surfaces a failed rank instead of hanging on the next all-reduce
+        return logits
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]

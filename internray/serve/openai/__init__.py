@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP surface: request/response shapes, chat + tool formatting, routes."""

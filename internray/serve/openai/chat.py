@@ -1,0 +1,87 @@
+"""Chat requests -> prompt text, and model text -> tool calls.
+
+The prompt is the model's own chat template (from its tokenizer), or InternLM's `<|im_start|>`
+template for checkpoints without one. Tools reach the model through the template when it knows
+about them; otherwise as a system message that asks for Hermes/Qwen-style
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks, which `parse_tool_calls` turns
+back into OpenAI `tool_calls`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+from internray.models.export import DEFAULT_CHAT_TEMPLATE
+from internray.serve.openai.protocol import ChatCompletionRequest, OpenAIError
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+def tools_instruction(tools: list[dict], tool_choice) -> str:
+    specs = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
+    rule = "Call a function only when it helps"
+    if tool_choice == "required":
+        rule = "You must call at least one function"
+    elif isinstance(tool_choice, dict):
+        rule = f"You must call the function {tool_choice.get('function', {}).get('name')!r}"
+    return (f"You can call these functions:\n{specs}\n{rule}. To call one, reply with "
+            f'{TOOL_CALL_OPEN}{{"name": <function name>, "arguments": <JSON object>}}{TOOL_CALL_CLOSE} '
+            "for each call and nothing else.")
+
+
+def template_messages(request: ChatCompletionRequest, template_knows_tools: bool) -> list[dict]:
+    messages = []
+    for m in request.messages:
+        content = m.text()
+        if m.role == "assistant" and m.tool_calls and not template_knows_tools:
+            calls = [TOOL_CALL_OPEN + json.dumps({"name": c["function"]["name"],
+                                                  "arguments": json.loads(c["function"].get("arguments") or "{}")})
+                     + TOOL_CALL_CLOSE for c in m.tool_calls]
+            content = (content + "\n" if content else "") + "\n".join(calls)
+        message = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if template_knows_tools and m.tool_calls:
+            message["tool_calls"] = m.tool_calls
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        messages.append(message)
+    if request.tools and request.tool_choice != "none" and not template_knows_tools:
+        instruction = tools_instruction(request.tools, request.tool_choice)
+        if messages[0]["role"] == "system":
+            messages[0]["content"] = instruction + "\n\n" + messages[0]["content"]
+        else:
+            messages.insert(0, {"role": "system", "content": instruction})
+    return messages
+
+
+def render_prompt(tokenizer, request: ChatCompletionRequest) -> str:
+    template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+    knows_tools = "tools" in template
+    tools = request.tools if knows_tools and request.tool_choice != "none" else None
+    try:
+        return tokenizer.apply_chat_template(template_messages(request, knows_tools), tools=tools,
+                                             chat_template=template, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # jinja raises for conversations the template forbids
+        raise OpenAIError(400, f"the model's chat template rejected these messages: {e}", param="messages") from e
+
+
+def parse_tool_calls(text: str, tools: list[dict]) -> tuple[str | None, list[dict]]:
+    """Split model text into (content, tool_calls); only calls to declared functions count."""
+    names = {t.get("function", t).get("name") for t in tools}
+    calls, spans = [], []
+    for match in TOOL_CALL.finditer(text):
+        try:
+            call = json.loads(match.group(1))
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(call, dict) or call.get("name") not in names:
+            continue
+        arguments = call.get("arguments", {})
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": call["name"],
+                                   "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}})
+        spans.append(match.span())
+    for start, end in reversed(spans):
+        text = text[:start] + text[end:]
+    return (text.strip() or None) if calls else text, calls

@@ -1,0 +1,224 @@
+"""The OpenAI endpoints' logic for one model, over an AsyncLLMEngine; no HTTP here.
+
+Each endpoint is an async generator: a non-streaming request yields one response object; a
+streaming one yields Server-Sent-Event strings ending in `data: [DONE]`. A refused request raises
+OpenAIError before anything is yielded, so the HTTP layer can still choose the status code.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import AsyncIterator
+
+from internray.serve.engine.async_engine import AsyncLLMEngine
+from internray.serve.engine.llm_engine import RequestOutput
+from internray.serve.engine.sampling_params import InvalidRequest, SamplingParams
+from internray.serve.openai.chat import TOOL_CALL_OPEN, parse_tool_calls, render_prompt
+from internray.serve.openai.protocol import (
+    ChatCompletionRequest, CompletionRequest, OpenAIError, new_id, now, usage,
+)
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+DONE = "data: [DONE]\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str):
+        self.engine, self.model_name = engine, model_name
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.engine.max_model_len
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": now(), "owned_by": "internray",
+                "max_model_len": self.max_model_len}
+
+    # -- shared machinery ---------------------------------------------------------------------
+    def _max_tokens(self, prompt_len: int, requested: int | None) -> int:
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise OpenAIError(400, f"This model's maximum context length is {self.max_model_len} tokens; "
+                                   f"the prompt has {prompt_len} tokens.", param="messages",
+                              code="context_length_exceeded")
+        if requested is None:
+            return room
+        if requested < 1:
+            raise OpenAIError(400, f"max_tokens must be >= 1 (got {requested})", param="max_tokens")
+        if requested > room:
+            raise OpenAIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                                   f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+                                   f"{requested} for the completion).", param="max_tokens",
+                              code="context_length_exceeded")
+        return requested
+
+    async def _run(self, jobs: list[tuple[list[int], SamplingParams]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Run several sequences at once; yield (choice index, output) as they arrive."""
+        request_id = new_id("req")
+        streams = [self.engine.generate(f"{request_id}-{i}", ids, params) for i, (ids, params) in enumerate(jobs)]
+        try:  # the first output of each stream validates its request before anything is sent
+            firsts = await asyncio.gather(*(anext(s) for s in streams))
+        except InvalidRequest as e:
+            await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+            raise OpenAIError(400, str(e), param=e.param) from e
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, stream):
+            try:
+                async for out in stream:
+                    await queue.put((i, out))
+            except BaseException as e:
+                await queue.put((i, e))
+
+        for i, first in enumerate(firsts):
+            yield i, first
+        live = [i for i, first in enumerate(firsts) if not first.finished]
+        tasks = [asyncio.create_task(pump(i, streams[i])) for i in live]
+        try:
+            remaining = len(live)
+            while remaining:
+                i, out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                remaining -= out.finished
+                yield i, out
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    # -- /v1/completions ---------------------------------------------------------------------
+    def _prompts(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        if not prompt:
+            raise OpenAIError(400, "`prompt` is empty", param="prompt")
+        return [p if isinstance(p, list) else self.tokenizer(p)["input_ids"] for p in prompt]
+
+    def _completion_logprobs(self, infos: list[dict], offset: int) -> dict:
+        tokens = [self._token_text(i["token"]) for i in infos]
+        offsets, at = [], offset
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        return {"tokens": tokens, "token_logprobs": [i["logprob"] for i in infos],
+                "top_logprobs": [{self._token_text(t): lp for t, lp in i["top"]} for i in infos],
+                "text_offset": offsets}
+
+    async def completions(self, request: CompletionRequest) -> AsyncIterator[dict | str]:
+        if request.echo:
+            raise OpenAIError(400, "`echo` is not supported", param="echo")
+        prompts = self._prompts(request.prompt)
+        jobs = []
+        for ids in prompts:
+            max_tokens = self._max_tokens(len(ids), request.max_tokens)
+            for c in range(request.n):
+                jobs.append((ids, self._params(request, max_tokens, request.logprobs, c)))
+        rid, created = new_id("cmpl"), now()
+        head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
+        sent = [0] * len(jobs)
+        sent_logprobs = [0] * len(jobs)
+        finals: dict[int, RequestOutput] = {}
+        async for i, out in self._run(jobs):
+            if out.finished:
+                finals[i] = out
+            if not request.stream:
+                continue
+            text = out.text if out.finished else out.stable_text
+            delta, sent[i] = text[sent[i]:], max(sent[i], len(text))
+            logprobs = None
+            if request.logprobs is not None and (delta or out.finished):
+                logprobs = self._completion_logprobs(out.logprobs[sent_logprobs[i]:], sent[i] - len(delta))
+                sent_logprobs[i] = len(out.logprobs)
+            if delta or out.finished:
+                yield sse(head | {"choices": [{"index": i, "text": delta, "logprobs": logprobs,
+                                               "finish_reason": out.finish_reason}]})
+        total = self._usage(prompts, request.n, finals)
+        if request.stream:
+            if request.include_usage:
+                yield sse(head | {"choices": [], "usage": total})
+            yield DONE
+            return
+        choices = [{"index": i, "text": out.text, "finish_reason": out.finish_reason,
+                    "logprobs": self._completion_logprobs(out.logprobs, 0) if request.logprobs is not None else None}
+                   for i, out in sorted(finals.items())]
+        yield head | {"choices": choices, "usage": total}
+
+    def _params(self, request, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+        try:
+            return request.sampling_params(max_tokens, logprobs, choice)
+        except InvalidRequest as e:
+            raise OpenAIError(400, str(e), param=e.param) from e
+
+    @staticmethod
+    def _usage(prompts: list[list[int]], n: int, finals: dict[int, RequestOutput]) -> dict:
+        completion = sum(len(o.token_ids) for o in finals.values())
+        cached = sum(o.num_cached_tokens for o in finals.values())
+        return usage(sum(len(p) for p in prompts) * n, completion, cached)
+
+    # -- /v1/chat/completions ----------------------------------------------------------------
+    def _chat_logprobs(self, infos: list[dict]) -> dict:
+        def entry(token, logprob):
+            text = self._token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"content": [entry(i["token"], i["logprob"]) | {"top_logprobs": [entry(t, lp) for t, lp in i["top"]]}
+                            for i in infos]}
+
+    async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[dict | str]:
+        prompt = render_prompt(self.tokenizer, request)
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        max_tokens = self._max_tokens(len(ids), request.max_completion_tokens or request.max_tokens)
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        jobs = [(ids, self._params(request, max_tokens, logprobs, c)) for c in range(request.n)]
+        tools = request.tools if request.tools and request.tool_choice != "none" else []
+        rid, created = new_id("chatcmpl"), now()
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
+        sent, sent_logprobs, finals = [0] * len(jobs), [0] * len(jobs), {}
+        if request.stream:
+            for i in range(len(jobs)):
+                yield sse(head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                               "logprobs": None, "finish_reason": None}]})
+        async for i, out in self._run(jobs):
+            if out.finished:
+                finals[i] = out
+            if not request.stream:
+                continue
+            text = out.text if out.finished else out.stable_text
+            if tools and TOOL_CALL_OPEN in text:  # hold a tool call back until it is complete
+                text = text[:text.index(TOOL_CALL_OPEN)]
+            delta, sent[i] = text[sent[i]:], max(sent[i], len(text))
+            choice = {"index": i, "delta": {"content": delta} if delta else {}, "logprobs": None,
+                      "finish_reason": None}
+            if logprobs is not None and len(out.logprobs) > sent_logprobs[i]:
+                choice["logprobs"] = self._chat_logprobs(out.logprobs[sent_logprobs[i]:])
+                sent_logprobs[i] = len(out.logprobs)
+            if out.finished:
+                content, calls = parse_tool_calls(out.text, tools) if tools else (out.text, [])
+                if calls:
+                    choice["delta"]["tool_calls"] = [c | {"index": k} for k, c in enumerate(calls)]
+                choice["finish_reason"] = "tool_calls" if calls else out.finish_reason
+            if choice["delta"] or choice["logprobs"] or out.finished:
+                yield sse(head | {"choices": [choice]})
+        total = self._usage([ids], request.n, finals)
+        if request.stream:
+            if request.include_usage:
+                yield sse(head | {"choices": [], "usage": total})
+            yield DONE
+            return
+        choices = []
+        for i, out in sorted(finals.items()):
+            content, calls = parse_tool_calls(out.text, tools) if tools else (out.text, [])
+            message = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
+            choices.append({"index": i, "message": message, "finish_reason": "tool_calls" if calls else out.finish_reason,
+                            "logprobs": self._chat_logprobs(out.logprobs) if logprobs is not None else None})
+        yield head | {"object": "chat.completion", "choices": choices, "usage": total}

@@ -21,3 +21,53 @@ def ray_cluster():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield info
     runtime.shutdown()
+
+
+def build_tiny_llama(out: Path, *, vocab_size: int = 512, seed: int = 0, **shape) -> Path:
+    """A random tiny Llama checkpoint with a tokenizer trained on stdlib sources (no hub)."""
+    import sysconfig
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from internray.data.tokenize import train_tokenizer
+
+    stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]
+    train_tokenizer([p.read_text(encoding="utf-8") for p in stdlib], vocab_size=vocab_size, min_frequency=2, out=out)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=512, tie_word_embeddings=False,
+                         **({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                             "num_attention_heads": 4, "num_key_value_heads": 2} | shape))
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def openai_server(ray_cluster, tiny_llama_dir):
+    """The Serve app (router + one engine replica) on a free loopback port, for the whole session.
+    Replicas reserve no CPUs, so the training tests that run later still get both cores."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from internray.serve.launch import serve_config, start
+
+    port = free_port()
+    config = serve_config([str(tiny_llama_dir)], {"server": {"cpus_per_replica": 0, "max_concurrent_requests": 8}},
+                          served_name="tiny", port=port, kv_cache_gib=0.05)
+    url = start(config)
+    yield SimpleNamespace(url=url, model="tiny", port=port, config=config)
+    serve.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -131,18 +131,17 @@ class OpenAIRouter:
         try:
             stream = self.servers[model].options(stream=True).generate.remote(parsed)
             first = await stream.__anext__()
-            if isinstance(first, dict) and ERROR_KEY in first:
-                status = first.pop(ERROR_KEY)
-                stream.cancel()
-                return JSONResponse(first, status_code=status)
-            if not parsed.stream:
-                return JSONResponse(first)
         except BaseException:
             release()
             raise
-        else:
-            if not parsed.stream:
-                release()
+        if isinstance(first, dict) and ERROR_KEY in first:
+            release()
+            stream.cancel()
+            status = first.pop(ERROR_KEY)
+            return JSONResponse(first, status_code=status)
+        if not parsed.stream:
+            release()
+            return JSONResponse(first)
 
         async def events():
             try:

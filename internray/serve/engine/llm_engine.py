@@ -121,11 +121,11 @@ class LLMEngine:
                 self.metrics.tpot.observe(now - seq.last_token_time)
             seq.last_token_time = now
             self._check_stop(seq, token)
+            outputs.append(self.output(seq))
             if seq.is_finished:
                 self.metrics.requests.inc()
                 self.scheduler.finish(seq)
                 self.sequences.pop(seq.request_id, None)
-            outputs.append(self.output(seq))
         return outputs
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
@@ -172,16 +172,21 @@ class LLM:
 
     def __init__(self, config: EngineConfig, **kwargs):
         self.engine = LLMEngine(config, **kwargs)
-        self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
-        params = params if isinstance(params, list) else [params] * len(prompts)
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            ids = prompt if isinstance(prompt, list) else self.tokenizer(prompt)["input_ids"]
-            self.engine.add_request(str(i), ids, p)
-        finished: dict[str, RequestOutput] = {}
-        while self.engine.has_work:
-            for out in self.engine.step():
-                if out.finished:
-                    finished[out.request_id] = out
-        return [finished[str(i)] for i in range(len(prompts))]
+        return generate(self.engine, prompts, params)
+
+
+def generate(engine: LLMEngine, prompts: list[str] | list[list[int]],
+             params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+    """Run `prompts` (text or token ids) to completion together; outputs in prompt order."""
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        ids = prompt if isinstance(prompt, list) else engine.tokenizer(prompt)["input_ids"]
+        engine.add_request(str(i), ids, p)
+    finished: dict[str, RequestOutput] = {}
+    while engine.has_work:
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    return [finished[str(i)] for i in range(len(prompts))]

@@ -1,0 +1,167 @@
+"""The engine against Hugging Face `generate` on the same checkpoint: scheduling, paging, prefix
+caching, preemption and sampling must not change what the model says."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from internray.serve.config import EngineConfig
+from internray.serve.engine.block_manager import BlockManager
+from internray.serve.engine.llm_engine import LLM, LLMEngine, generate
+from internray.serve.engine.sampling_params import InvalidRequest, SamplingParams
+from internray.serve.engine.sequence import Sequence
+
+PROMPTS = ["def f(x):\n    return", "import os", "class A:\n    def __init__(self, a, b):\n        self.a = a\n" * 3,
+           "x", "for i in range(10):\n    print(i)\n" * 2]
+GREEDY = SamplingParams(max_tokens=24, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_llama_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_llama_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    return [tokenizer(p)["input_ids"] for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(hf, prompts):
+    """HF greedy continuations (stopping at EOS, as the engine does)."""
+    outs = []
+    for ids in prompts:
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=GREEDY.max_tokens, do_sample=False)
+        outs.append(out[0, len(ids):].tolist())
+    return outs
+
+
+def engine_config(model, **kw) -> EngineConfig:
+    return EngineConfig(model=str(model), kv_cache_gib=0.01, **kw)
+
+
+def test_greedy_single_requests_equal_hf_generate(tiny_llama_dir, prompts, reference):
+    llm = LLM(engine_config(tiny_llama_dir))
+    for ids, expected in zip(prompts, reference):
+        assert llm.generate([ids], GREEDY)[0].token_ids == expected
+
+
+def test_mixed_batch_joining_at_different_steps_equals_hf(tiny_llama_dir, prompts, reference):
+    # small blocks and a small token budget: prompts are chunked and mixed with running decodes
+    engine = LLMEngine(engine_config(tiny_llama_dir, block_size=4, max_num_batched_tokens=16), verbose=False)
+    results, pending, step = {}, list(enumerate(prompts)), 0
+    while pending or engine.has_work:
+        if pending and step % 3 == 0:  # a new request every third step
+            i, ids = pending.pop(0)
+            engine.add_request(str(i), ids, GREEDY)
+        for out in engine.step():
+            if out.finished:
+                results[int(out.request_id)] = out.token_ids
+        step += 1
+    assert [results[i] for i in range(len(prompts))] == reference
+
+
+def test_prefix_cache_hits_give_the_same_tokens_as_misses(tiny_llama_dir, prompts, reference):
+    engine = LLMEngine(engine_config(tiny_llama_dir, block_size=4), verbose=False)
+    long_prompt = prompts[2]
+    first = generate(engine, [long_prompt], GREEDY)[0]
+    second = generate(engine, [long_prompt], GREEDY)[0]
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens >= len(long_prompt) - 4  # every full prompt block was reused
+    assert first.token_ids == second.token_ids == reference[2]
+
+
+def test_a_tiny_kv_cache_preempts_and_still_matches_hf(tiny_llama_dir, prompts, reference):
+    # room for ~3 sequences' worth of blocks: decodes must preempt others and recompute them
+    engine = LLMEngine(engine_config(tiny_llama_dir, block_size=4), verbose=False)
+    engine.blocks = BlockManager(24, 4, enable_prefix_caching=False)
+    engine.scheduler.blocks = engine.blocks
+    fitting = [i for i, p in enumerate(prompts) if len(p) + GREEDY.max_tokens <= 24 * 4]
+    outs = generate(engine, [prompts[i] for i in fitting], GREEDY)
+    assert engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == [reference[i] for i in fitting]
+    assert engine.blocks.num_free == 24  # everything returned
+
+
+def test_kv_cache_is_sized_from_the_memory_budget(tiny_llama_dir):
+    engine = LLMEngine(engine_config(tiny_llama_dir), verbose=False)
+    # 2 (k, v) x 2 layers x 16 tokens x 2 kv heads x 16 head dim x 4 bytes = 8 KiB per block
+    assert engine.blocks.num_blocks == int(0.01 * 2**30) // 8192
+    assert engine.max_model_len == 512
+
+
+def test_requests_the_engine_cannot_serve_are_refused_by_name(tiny_llama_dir):
+    engine = LLMEngine(engine_config(tiny_llama_dir, max_model_len=32), verbose=False)
+    with pytest.raises(InvalidRequest, match="32 tokens"):
+        engine.add_request("long", list(range(40)), GREEDY)
+    with pytest.raises(InvalidRequest, match="token ids"):
+        engine.add_request("bad", [1, 99999], GREEDY)
+    with pytest.raises(InvalidRequest, match="temperature"):
+        SamplingParams(temperature=-1)
+    assert not engine.has_work
+
+
+def test_completion_is_cut_at_max_model_len(tiny_llama_dir, prompts):
+    llm = LLM(engine_config(tiny_llama_dir, max_model_len=len(prompts[0]) + 5))
+    out = llm.generate([prompts[0]], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+
+
+def test_sampling_controls(tiny_llama_dir, prompts, reference, hf):
+    llm = LLM(engine_config(tiny_llama_dir))
+    ids = prompts[0]
+    seeded = SamplingParams(max_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
+    a, b = llm.generate([ids, ids], seeded)
+    assert a.token_ids == b.token_ids  # a seed fixes the draw, whatever else is in the batch
+    other = llm.generate([ids], SamplingParams(max_tokens=16, temperature=1.0, seed=8, ignore_eos=True))[0]
+    assert other.token_ids != a.token_ids
+    top1 = llm.generate([ids], SamplingParams(max_tokens=24, temperature=5.0, top_k=1))[0]
+    assert top1.token_ids == reference[0]  # top_k=1 is greedy at any temperature
+    tiny_p = llm.generate([ids], SamplingParams(max_tokens=24, temperature=5.0, top_p=1e-6))[0]
+    assert tiny_p.token_ids == reference[0]
+    stop_id = reference[0][3]
+    stopped = llm.generate([ids], SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[stop_id]))[0]
+    assert stopped.token_ids == reference[0][:reference[0].index(stop_id) + 1] and stopped.finish_reason == "stop"
+    full = llm.generate([ids], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    marker = full.text[len(full.text) // 2:][:3]
+    cut = llm.generate([ids], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[marker]))[0]
+    assert cut.text == full.text[:full.text.index(marker)] and cut.finish_reason == "stop"
+    penalised = llm.generate([ids], SamplingParams(max_tokens=24, temperature=0, repetition_penalty=3.0,
+                                                   ignore_eos=True))[0]
+    assert len(set(penalised.token_ids)) > len(set(full.token_ids))  # repeats are pushed down
+
+
+def test_logprobs_are_the_models_log_softmax(tiny_llama_dir, prompts, hf):
+    llm = LLM(engine_config(tiny_llama_dir))
+    ids = prompts[1]
+    out = llm.generate([ids], SamplingParams(max_tokens=3, temperature=0, logprobs=2, ignore_eos=True))[0]
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids + out.token_ids])).logits[0, len(ids) - 1:-1]
+    expected = logits.log_softmax(-1)
+    for step, info in enumerate(out.logprobs):
+        assert info["token"] == out.token_ids[step]
+        assert info["logprob"] == pytest.approx(float(expected[step, info["token"]]), abs=1e-4)
+        top = expected[step].topk(2)
+        assert [t for t, _ in info["top"]] == top.indices.tolist()
+
+
+def test_block_manager_shares_prefix_blocks_and_frees_them():
+    blocks = BlockManager(8, 4)
+    a = Sequence(list(range(10)), GREEDY)
+    blocks.allocate(a)
+    assert len(a.block_table) == 3 and a.num_cached_tokens == 0
+    a.num_computed_tokens = 10
+    blocks.publish_computed(a)  # two full blocks enter the prefix cache
+    b = Sequence(list(range(9)) + [99], GREEDY)
+    blocks.allocate(b)
+    assert b.block_table[:2] == a.block_table[:2] and b.num_cached_tokens == 8
+    assert blocks.blocks[a.block_table[0]].ref_count == 2
+    blocks.free(a)
+    blocks.free(b)
+    assert blocks.num_free == 8
+    c = Sequence(list(range(8)), GREEDY)  # still found after both owners left
+    blocks.allocate(c)
+    assert c.num_cached_tokens == 8 and c.num_computed_tokens == 7  # the last token is recomputed

@@ -25,3 +25,26 @@ def test_tp2_gives_the_same_tokens_and_logprobs_as_tp1(ray_cluster, tiny_llama_d
         assert one.token_ids == two.token_ids
         for a, b in zip(one.logprobs, two.logprobs):
             assert abs(a["logprob"] - b["logprob"]) < 1e-4  # row-parallel sums differ only in rounding
+
+
+def test_a_tp2_serve_replica_reserves_its_ranks_and_answers_like_tp1(openai_server, tiny_llama_dir):
+    from openai import OpenAI
+    from ray import serve
+    from ray.util import placement_group_table
+
+    from internray.serve.app import build_app
+    from internray.serve.launch import serve_config
+
+    config = serve_config([str(tiny_llama_dir)], {"server": {"cpus_per_replica": 0.5, "cpus_per_rank": 0.5}},
+                          served_name="tiny-tp2", tensor_parallel_size=2, kv_cache_gib=0.01)
+    serve.run(build_app(config), name="tp2", route_prefix="/tp2")
+    try:
+        request = dict(messages=[{"role": "user", "content": "Count with me."}], max_tokens=12, temperature=0)
+        tp2 = OpenAI(base_url=openai_server.url + "/tp2/v1", api_key="-", max_retries=0)
+        tp1 = OpenAI(base_url=openai_server.url + "/v1", api_key="-", max_retries=0)
+        answer = tp2.chat.completions.create(model="tiny-tp2", **request).choices[0].message.content
+        assert answer == tp1.chat.completions.create(model="tiny", **request).choices[0].message.content
+        groups = [g for g in placement_group_table().values() if g["state"] == "CREATED"]
+        assert any(len(g["bundles"]) == 2 for g in groups)  # the replica's bundle + its second rank's
+    finally:
+        serve.delete("tp2")

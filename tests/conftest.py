@@ -55,6 +55,8 @@ def openai_server(ray_cluster, tiny_llama_dir):
 
     from ray import serve
 
+    from internray.runtime import free_port
+
     from internray.serve.launch import serve_config, start
 
     port = free_port()
@@ -63,11 +65,3 @@ def openai_server(ray_cluster, tiny_llama_dir):
     url = start(config)
     yield SimpleNamespace(url=url, model="tiny", port=port, config=config)
     serve.shutdown()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

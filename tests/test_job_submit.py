@@ -17,11 +17,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO
 from internray.config import load_config
 from internray.data.config import DataConfig
 from internray.data.pipeline import run_data
 from internray.runs import read_manifest
+from internray.runtime import free_port
 
 BIN = Path(sys.executable).parent
 

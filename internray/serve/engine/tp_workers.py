@@ -9,7 +9,6 @@ together.
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import ray
@@ -17,6 +16,7 @@ import torch.distributed as dist
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from internray.runtime import free_port
 from internray.serve.config import EngineConfig
 from internray.serve.engine.model_runner import ModelRunner, StepInput, resolve_device
 from internray.serve.model.layers import TPInfo
@@ -49,7 +49,7 @@ class TensorParallelGroup:
     def __init__(self, engine: EngineConfig, num_blocks: int, cpus_per_rank: float = 1.0, gpus_per_rank: float = 0.0):
         world = engine.tensor_parallel_size
         backend = "nccl" if resolve_device(engine.device).type == "cuda" else "gloo"
-        address = f"{ray.util.get_node_ip_address()}:{free_port()}"
+        address = f"{ray.util.get_node_ip_address()}:{free_port('')}"
         pg = get_current_placement_group()
         self.workers = []
         for rank in range(1, world):
@@ -73,9 +73,3 @@ class TensorParallelGroup:
             ray.kill(w)
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]

@@ -175,14 +175,15 @@ def test_tools_are_offered_in_the_prompt_and_tool_calls_parsed_back(tiny_llama_d
     assert parse_tool_calls('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', [weather])[1] == []
 
 
-def test_api_keys_are_enforced(openai_server, tiny_llama_dir):
+def test_one_app_serves_several_models_behind_api_keys(openai_server, tiny_llama_dir):
     from ray import serve
 
     from internray.serve.app import build_app
-    from internray.serve.launch import serve_config
+    from internray.serve.config import ServeConfig
 
-    config = serve_config([str(tiny_llama_dir)], {"server": {"cpus_per_replica": 0}}, served_name="tiny-secure",
-                          api_keys=["sk-right"], kv_cache_gib=0.01)
+    model = {"model": str(tiny_llama_dir), "kv_cache_gib": 0.01}
+    config = ServeConfig(models=[model | {"served_name": "secure-a"}, model | {"served_name": "secure-b"}],
+                         server={"cpus_per_replica": 0, "api_keys": ["sk-right"]})
     serve.run(build_app(config), name="secure", route_prefix="/secure")  # the same HTTP proxy, another prefix
     try:
         base = openai_server.url + "/secure/v1"
@@ -190,7 +191,10 @@ def test_api_keys_are_enforced(openai_server, tiny_llama_dir):
         wrong = httpx.get(base + "/models", headers={"Authorization": "Bearer sk-wrong"}, timeout=30)
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
         right = OpenAI(base_url=base, api_key="sk-right", max_retries=0)
-        assert right.chat.completions.create(model="tiny-secure", messages=[{"role": "user", "content": "hi"}],
-                                             max_tokens=3).choices[0].message.role == "assistant"
+        assert sorted(m.id for m in right.models.list().data) == ["secure-a", "secure-b"]
+        for name in ("secure-a", "secure-b"):
+            reply = right.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=3)
+            assert reply.model == name and reply.choices[0].message.role == "assistant"
     finally:
         serve.delete("secure")

@@ -85,7 +85,7 @@ def test_chat_logprobs(client):
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"model": "tiny", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
-    ({"model": "tiny", "prompt": "x " * 600}, 400, "messages"),  # longer than the 512-token context
+    ({"model": "tiny", "prompt": "x " * 1100}, 400, "messages"),  # longer than the 1024-token context
     ({"model": "tiny", "prompt": "x", "max_tokens": 10_000}, 400, "max_tokens"),
     ({"model": "nope", "prompt": "x"}, 404, "model"),
     ({"prompt": "x"}, 400, "model"),

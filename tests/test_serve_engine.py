@@ -90,7 +90,7 @@ def test_kv_cache_is_sized_from_the_memory_budget(tiny_llama_dir):
     engine = LLMEngine(engine_config(tiny_llama_dir), verbose=False)
     # 2 (k, v) x 2 layers x 16 tokens x 2 kv heads x 16 head dim x 4 bytes = 8 KiB per block
     assert engine.blocks.num_blocks == int(0.01 * 2**30) // 8192
-    assert engine.max_model_len == 512
+    assert engine.max_model_len == 1024
 
 
 def test_requests_the_engine_cannot_serve_are_refused_by_name(tiny_llama_dir):

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from internray.serve.config import EngineConfig
 from internray.serve.engine.block_manager import BlockManager
+from internray.serve.engine.guided import GuideCompiler
 from internray.serve.engine.model_runner import ModelRunner, kv_cache_blocks, prepare_step
 from internray.serve.engine.sampler import sample
 from internray.serve.engine.sampling_params import InvalidRequest, SamplingParams
@@ -55,6 +56,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}
+        self.guides = GuideCompiler(self.tokenizer, self.vocab_size)
         self.metrics = EngineMetrics(config.served_name or Path(config.model).name)
         if verbose:
             print(f"[internray serve] {config.model}: KV cache {num_blocks} blocks x {config.block_size} tokens = "
@@ -74,6 +76,10 @@ class LLMEngine:
                                  f"{self.max_model_len} tokens, which must also hold at least one completion token",
                                  "messages")
         seq = Sequence(list(prompt_token_ids), params, request_id)
+        if params.guide is not None:
+            seq.grammar = self.guides.grammar(params.guide)  # a bad schema is refused here
+            if params.guide.trigger is None:
+                seq.matcher = self.guides.matcher(seq.grammar)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -96,7 +102,8 @@ class LLMEngine:
             return []
         logits = self.runner.execute(prepare_step(chunks, self.config.block_size))
         sampling = [c.seq for c in chunks if c.samples]
-        tokens, logprobs = sample(logits, sampling)
+        allowed = {i: self.guides.allowed(s.matcher) for i, s in enumerate(sampling) if s.matcher is not None}
+        tokens, logprobs = sample(logits, sampling, allowed)
         return self.postprocess(chunks, dict(zip((s.seq_id for s in sampling), zip(tokens, logprobs))))
 
     def postprocess(self, chunks, sampled: dict[int, tuple[int, dict | None]]) -> list[RequestOutput]:
@@ -128,11 +135,24 @@ class LLMEngine:
                 self.sequences.pop(seq.request_id, None)
         return outputs
 
+    def _advance_guide(self, seq: Sequence, token: int) -> None:
+        """Feed the sampled token to the sequence's matcher, or start the matcher at its trigger."""
+        if seq.matcher is not None:
+            seq.matcher.consume_token(token)
+        elif seq.grammar is not None and seq.params.guide.trigger in seq.text:
+            after = seq.text[seq.text.index(seq.params.guide.trigger) + len(seq.params.guide.trigger):]
+            seq.matcher = self.guides.matcher(seq.grammar, after)
+            seq.grammar = None  # one trigger per sequence; None above also means "did not fit"
+
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
         seq.text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
+        self._advance_guide(seq, token)
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             seq.finish("stop")
+            return
+        if seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
+            seq.finish("stop")  # the grammar is complete: only EOS could follow
             return
         hits = [(seq.text.find(s), s) for s in p.stop if s in seq.text]
         if hits:

@@ -1,6 +1,6 @@
 """Logits -> next tokens, per sequence's SamplingParams, batched where the maths allows.
 
-Order (vLLM's): penalties, then greedy argmax or temperature -> top-k -> top-p -> draw. Logprobs
+Order (vLLM's): grammar mask, penalties, then greedy argmax or temperature -> top-k -> top-p -> draw. Logprobs
 are of the model's own distribution (log-softmax of the raw logits), as OpenAI reports them.
 A sequence with a seed draws from its own generator, so its output does not depend on its batch.
 """
@@ -36,11 +36,17 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
-    """logits: [len(seqs), vocab] fp32. Returns the next token of each sequence and, where asked,
+def sample(logits: torch.Tensor, seqs: list[Sequence],
+           allowed: dict[int, torch.Tensor] | None = None) -> tuple[list[int], list[dict | None]]:
+    """logits: [len(seqs), vocab] fp32; allowed: row -> bool mask of a grammar-constrained row.
+    Returns the next token of each sequence and, where asked,
     {"token": id, "logprob": x, "top": [(id, logprob), ...]}."""
     logprobs = logits.log_softmax(-1) if any(s.params.logprobs is not None for s in seqs) else None
-    logits = apply_penalties(logits.clone(), seqs)
+    logits = logits.clone()
+    for row, mask in (allowed or {}).items():
+        logits[row, :len(mask)].masked_fill_(~mask, float("-inf"))
+        logits[row, len(mask):] = float("-inf")
+    logits = apply_penalties(logits, seqs)
     tokens = []
     for i, seq in enumerate(seqs):
         p = seq.params

@@ -1,6 +1,7 @@
 """What one request asks the sampler and the stop checker to do."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 
@@ -10,6 +11,22 @@ class InvalidRequest(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+@dataclass(frozen=True)
+class Guide:
+    """A constraint on the output (see guided.py): a JSON schema (as JSON text), a Lark grammar or
+    a regex. With a `trigger` the sequence runs free until its text reaches the trigger, and only
+    what follows is constrained. `param` is the request field a bad spec is blamed on."""
+
+    kind: str  # "json_schema" | "lark" | "regex"
+    spec: str
+    trigger: str | None = None
+    param: str = "response_format"
+
+    @staticmethod
+    def json_schema(schema: dict, **kw) -> "Guide":
+        return Guide("json_schema", json.dumps(schema), **kw)
 
 
 @dataclass
@@ -33,6 +50,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k >= 0 = the sampled token's logprob plus the top k
+    guide: Guide | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):

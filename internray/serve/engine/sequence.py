@@ -40,6 +40,8 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     generator: torch.Generator | None = None
+    grammar: str | None = None  # compiled guide (guided.py), waiting for its trigger while matcher is None
+    matcher: object | None = None  # llguidance.LLMatcher, advanced token by token
 
     def __post_init__(self):
         self.num_prompt_tokens = len(self.token_ids)

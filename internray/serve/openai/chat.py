@@ -4,7 +4,9 @@ The prompt is the model's own chat template (from its tokenizer), or InternLM's 
 template for checkpoints without one. Tools reach the model through the template when it knows
 about them; otherwise as a system message that asks for Hermes/Qwen-style
 `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks, which `parse_tool_calls` turns
-back into OpenAI `tool_calls`.
+back into OpenAI `tool_calls`. `tool_guide` constrains those blocks: with tool_choice "required"
+or a named function the whole reply is calls whose names and arguments follow the functions'
+JSON schemas; with "auto" the reply is free until `<tool_call>`, then the call is constrained.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import re
 import uuid
 
 from internray.models.export import DEFAULT_CHAT_TEMPLATE
+from internray.serve.engine.guided import JSON_STYLE
+from internray.serve.engine.sampling_params import Guide
 from internray.serve.openai.protocol import ChatCompletionRequest, OpenAIError
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -85,3 +89,39 @@ def parse_tool_calls(text: str, tools: list[dict]) -> tuple[str | None, list[dic
     for start, end in reversed(spans):
         text = text[:start] + text[end:]
     return (text.strip() or None) if calls else text, calls
+
+
+def call_schema(tools: list[dict]) -> dict:
+    """JSON schema of one call: the name of a declared function and arguments valid for it."""
+    calls = []
+    for tool in tools:
+        function = tool.get("function", tool)
+        calls.append({"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                      "properties": {"name": {"const": function["name"]},
+                                     "arguments": function.get("parameters") or {"type": "object"}}})
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+def tool_guide(request: ChatCompletionRequest) -> Guide | None:
+    """The constraint that tool_choice asks for (None: no tools, or tool_choice "none")."""
+    choice = request.tool_choice
+    if not request.tools or choice == "none":
+        return None
+    for tool in request.tools:
+        if not isinstance(tool.get("function", tool).get("name"), str):
+            raise OpenAIError(400, "every tool needs `function.name`", param="tools")
+    tools = request.tools
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        tools = [t for t in request.tools if t.get("function", t).get("name") == name]
+        if not tools:
+            raise OpenAIError(400, f"tool_choice names {name!r}, which is not among `tools`", param="tool_choice")
+    schema = json.dumps(call_schema(tools) | {"x-guidance": JSON_STYLE})
+    if choice in (None, "auto"):
+        return Guide("lark", f"start: %json {schema} \"{TOOL_CALL_CLOSE}\"", trigger=TOOL_CALL_OPEN, param="tools")
+    if choice != "required" and not isinstance(choice, dict):
+        raise OpenAIError(400, f"tool_choice must be none, auto, required or a function, not {choice!r}",
+                          param="tool_choice")
+    repeat = "" if isinstance(choice, dict) or not request.parallel_tool_calls else ' ("\\n" call)*'
+    grammar = f'start: call{repeat}\ncall: "{TOOL_CALL_OPEN}" %json {schema} "{TOOL_CALL_CLOSE}"'
+    return Guide("lark", grammar, param="tools")

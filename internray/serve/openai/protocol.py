@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from internray.serve.engine.sampling_params import SamplingParams
+from internray.serve.engine.sampling_params import Guide, SamplingParams
 
 
 class OpenAIError(Exception):
@@ -29,6 +29,18 @@ class OpenAIError(Exception):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingFields(BaseModel):
@@ -49,15 +61,29 @@ class SamplingFields(BaseModel):
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     stop_token_ids: list[int] = Field(default_factory=list)
+    response_format: ResponseFormat | None = None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+    def response_guide(self) -> Guide | None:
+        """The JSON constraint `response_format` asks for, if any."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return Guide.json_schema({"type": "object"})
+        if fmt.json_schema is None:
+            raise OpenAIError(400, "response_format of type json_schema needs a `json_schema` object",
+                              param="response_format")
+        return Guide.json_schema(fmt.json_schema.schema_ or {"type": "object"})
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int,
+                        guide: Guide | None = None) -> SamplingParams:
         """Choice i of n gets seed + i, so n seeded choices differ from each other yet repeat."""
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=None if self.seed is None else self.seed + choice,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
-            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs)
+            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs, guide=guide)
 
     @property
     def include_usage(self) -> bool:

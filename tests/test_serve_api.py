@@ -173,6 +173,8 @@ def test_tools_are_offered_in_the_prompt_and_tool_calls_parsed_back(tiny_llama_d
     assert content == "Let me check."
     assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     assert parse_tool_calls('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', [weather])[1] == []
+    repeated = "\n".join([text.split("\n")[1]] * 3)  # a weak model looping on one call
+    assert len(parse_tool_calls(repeated, [weather])[1]) == 1
 
 
 def test_one_app_serves_several_models_behind_api_keys(openai_server, tiny_llama_dir):

@@ -92,9 +92,8 @@ class ModelRunner:
         dtype = resolve_dtype(engine.dtype, self.device)
         self.model = load_model(engine.model, tp, dtype, self.device)
         attn = self.model.model.layers[0].self_attn
-        shape = (num_blocks * engine.block_size, attn.num_kv_heads, attn.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
-                           torch.zeros(shape, dtype=dtype, device=self.device)) for _ in self.model.model.layers]
+        shape = (num_blocks * engine.block_size, 2, attn.num_kv_heads, attn.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.model.model.layers]
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device)

@@ -22,16 +22,20 @@ class TPInfo:
 
 
 class ColumnParallelLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPInfo):
+    """Output features split across ranks. Several checkpoint matrices with the same input can be
+    fused into one (q/k/v, gate/up): `parts` lists their output sizes, each rank holds its shard
+    of every part side by side, and one matmul computes them all."""
+
+    def __init__(self, in_features: int, parts: list[int], bias: bool, tp: TPInfo):
         super().__init__()
-        if out_features % tp.size:
-            raise ValueError(f"{out_features} output features do not split over tensor parallel size {tp.size}")
-        self.weight = nn.Parameter(torch.empty(out_features // tp.size, in_features), requires_grad=False)
-        self.weight.tp_dim = 0
-        self.bias = None
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features // tp.size), requires_grad=False)
-            self.bias.tp_dim = 0
+        for size in parts:
+            if size % tp.size:
+                raise ValueError(f"{size} output features do not split over tensor parallel size {tp.size}")
+        self.parts = [size // tp.size for size in parts]
+        self.weight = nn.Parameter(torch.empty(sum(self.parts), in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(sum(self.parts)), requires_grad=False) if bias else None
+        for param in (p for p in (self.weight, self.bias) if p is not None):
+            param.tp_dim, param.parts = 0, self.parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -67,10 +71,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -102,18 +103,18 @@ class AttentionBatch:
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    batch: AttentionBatch) -> torch.Tensor:
     """Store this step's keys/values in the cache, then attend. q: [T, H, D]; k, v: [T, Hkv, D];
-    caches: [slots, Hkv, D]. One batched call covers all decoding sequences; each prefill chunk is
-    its own call (causal, offset by its cached context)."""
-    k_cache.index_copy_(0, batch.slot_mapping, k)
-    v_cache.index_copy_(0, batch.slot_mapping, v)
+    kv_cache: [slots, 2, Hkv, D] (keys and values side by side: one copy in, one gather out).
+    One batched call covers all decoding sequences; each prefill chunk is its own call (causal,
+    offset by its cached context)."""
+    kv_cache.index_copy_(0, batch.slot_mapping, torch.stack((k, v), 1))
     out = torch.empty_like(q)
     if len(batch.decode_index):
         qd = q[batch.decode_index].unsqueeze(2)  # [B, H, 1, D]
-        kd = k_cache[batch.decode_slots].transpose(1, 2)  # [B, Hkv, S, D]
-        vd = v_cache[batch.decode_slots].transpose(1, 2)
+        kvd = kv_cache[batch.decode_slots]  # [B, S, 2, Hkv, D]
+        kd, vd = kvd[:, :, 0].transpose(1, 2), kvd[:, :, 1].transpose(1, 2)  # [B, Hkv, S, D]
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, enable_gqa=True)
         out[batch.decode_index] = od.squeeze(2)
     for span in batch.prefills:
@@ -122,7 +123,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         if span.context_slots is None:
             kp, vp = k[rows], v[rows]
         else:
-            kp, vp = k_cache[span.context_slots], v_cache[span.context_slots]
+            kvp = kv_cache[span.context_slots]
+            kp, vp = kvp[:, 0], kvp[:, 1]
         kp, vp = kp.transpose(0, 1).unsqueeze(0), vp.transpose(0, 1).unsqueeze(0)
         op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=span.mask, is_causal=span.mask is None,
                                             enable_gqa=True)

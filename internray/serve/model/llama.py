@@ -1,7 +1,8 @@
 """A Llama-family decoder that reads and writes the paged KV cache.
 
-Plain PyTorch, shaped like transformers' Llama so checkpoint names map one to one; the tensor-
-parallel split lives in the linears (model/layers.py), the cache layout in `paged_attention`.
+Plain PyTorch, shaped like transformers' Llama except that q/k/v and gate/up are fused into one
+matmul each (the loader maps the checkpoint's names, `FUSED` below); the tensor-parallel split
+lives in the linears (model/layers.py), the cache layout in `paged_attention`.
 Covers Llama, SmolLM2, InternLM3 (q/k/v/o bias from `attention_bias`) and Qwen2 (bias on q/k/v
 only). Rotary embeddings come from transformers itself, so every `rope_scaling` variant it knows
 (llama3, dynamic, linear, yarn) matches the reference exactly.
@@ -19,6 +20,9 @@ from internray.serve.model.layers import (
 )
 
 SUPPORTED = ("llama", "internlm3", "qwen2", "mistral")
+FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+"""checkpoint module name -> (our fused module, part index)"""
 
 
 def head_dim(config: PretrainedConfig) -> int:
@@ -45,17 +49,16 @@ class Attention(nn.Module):
         self.head_dim = d
         qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
         o_bias = config.model_type != "qwen2" and getattr(config, "attention_bias", False)
-        self.q_proj = ColumnParallelLinear(hidden, config.num_attention_heads * d, qkv_bias, tp)
-        self.k_proj = ColumnParallelLinear(hidden, config.num_key_value_heads * d, qkv_bias, tp)
-        self.v_proj = ColumnParallelLinear(hidden, config.num_key_value_heads * d, qkv_bias, tp)
+        q_size, kv_size = config.num_attention_heads * d, config.num_key_value_heads * d
+        self.qkv_proj = ColumnParallelLinear(hidden, [q_size, kv_size, kv_size], qkv_bias, tp)
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, hidden, o_bias, tp)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, batch: AttentionBatch):
+    def forward(self, x, cos, sin, kv_cache, batch: AttentionBatch):
         t = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, k_cache, v_cache, batch)
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.parts, dim=-1)
+        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        out = paged_attention(q, k, v.view(t, self.num_kv_heads, self.head_dim), kv_cache, batch)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
@@ -63,12 +66,12 @@ class MLP(nn.Module):
     def __init__(self, config: PretrainedConfig, tp: TPInfo):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        self.gate_proj = ColumnParallelLinear(config.hidden_size, config.intermediate_size, bias, tp)
-        self.up_proj = ColumnParallelLinear(config.hidden_size, config.intermediate_size, bias, tp)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias, tp)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias, tp)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -79,8 +82,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, batch):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, batch)
+    def forward(self, x, cos, sin, kv_cache, batch):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -115,7 +118,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(x, positions[None])
         cos, sin = cos[0].to(x.dtype), sin[0].to(x.dtype)
-        for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, k_cache, v_cache, batch)
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            x = layer(x, cos, sin, kv_cache, batch)
         x = self.model.norm(x[sample_index])
         return self.lm_head(x).float()

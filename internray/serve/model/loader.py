@@ -8,7 +8,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from internray.serve.model.layers import TPInfo
-from internray.serve.model.llama import LlamaForCausalLM
+from internray.serve.model.llama import FUSED, LlamaForCausalLM
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -19,37 +19,56 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(model_dir: str | Path, tp: TPInfo, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    """Read each checkpoint tensor once, slice out this rank's shard (`tp_dim`), and place it in
+    its (possibly fused, `FUSED`) parameter."""
     model_dir = Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors files (export or import the checkpoint first)")
     model = LlamaForCausalLM(AutoConfig.from_pretrained(model_dir), tp)
     params = dict(model.named_parameters(remove_duplicate=False))
+    for param in params.values():
+        param.data = torch.empty(param.shape, dtype=dtype, device=device)
     loaded = set()
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                if name not in params:
-                    if name.endswith("rotary_emb.inv_freq"):
-                        continue
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                target, part = fused_name(name)
+                if target not in params:
                     raise ValueError(f"{file.name}: unexpected tensor {name!r} for a {model.config.model_type} model")
-                param = params[name]
+                param = params[target]
+                rows = slice(None)
+                size = param.shape[param.tp_dim] if param.tp_dim is not None else None
+                if part is not None:
+                    size = param.parts[part]
+                    rows = slice(sum(param.parts[:part]), sum(param.parts[:part + 1]))
                 tensor = f.get_slice(name)
+                index = [slice(None)] * len(tensor.get_shape())
                 if param.tp_dim is not None:
-                    size = param.shape[param.tp_dim]
-                    index = [slice(None)] * len(tensor.get_shape())
                     index[param.tp_dim] = slice(tp.rank * size, (tp.rank + 1) * size)
-                    tensor = tensor[tuple(index)]
-                else:
-                    tensor = tensor[:]
-                if tensor.shape != param.shape:
-                    raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-                param.data = tensor.to(device=device, dtype=dtype)
-                loaded.add(name)
+                tensor = tensor[tuple(index)]
+                destination = param.data[rows]
+                if tensor.shape != destination.shape:
+                    raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)} on rank {tp.rank}, "
+                                     f"expected {tuple(destination.shape)}")
+                destination.copy_(tensor)
+                loaded.add((target, part))
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-        loaded.add("lm_head.weight")
-    missing = sorted(set(params) - loaded)
+        loaded.add(("lm_head.weight", None))
+    expected = {(n, i) for n, p in params.items() for i in (range(len(p.parts)) if hasattr(p, "parts") else [None])}
+    missing = sorted(f"{n}[{i}]" if i is not None else n for n, i in expected - loaded)
     if missing:
         raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     return model.to(device).eval()
+
+
+def fused_name(name: str) -> tuple[str, int | None]:
+    """`...self_attn.k_proj.weight` -> (`...self_attn.qkv_proj.weight`, 1); others unchanged."""
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[-2] in FUSED:
+        module, index = FUSED[parts[-2]]
+        return ".".join(parts[:-2] + [module, parts[-1]]), index
+    return name, None

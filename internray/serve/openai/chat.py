@@ -82,10 +82,12 @@ def parse_tool_calls(text: str, tools: list[dict]) -> tuple[str | None, list[dic
         if not isinstance(call, dict) or call.get("name") not in names:
             continue
         arguments = call.get("arguments", {})
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": call["name"],
-                                   "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}})
+        arguments = arguments if isinstance(arguments, str) else json.dumps(arguments)
         spans.append(match.span())
+        if any(c["function"] == {"name": call["name"], "arguments": arguments} for c in calls):
+            continue  # a weak model repeating the same call: one call, as it meant
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": call["name"], "arguments": arguments}})
     for start, end in reversed(spans):
         text = text[:start] + text[end:]
     return (text.strip() or None) if calls else text, calls

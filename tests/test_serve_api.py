@@ -200,3 +200,11 @@ def test_one_app_serves_several_models_behind_api_keys(openai_server, tiny_llama
             assert reply.model == name and reply.choices[0].message.role == "assistant"
     finally:
         serve.delete("secure")
+
+
+def test_streamed_logprobs_add_up_to_the_non_streamed_ones(client):
+    kwargs = dict(model="tiny", prompt="def f(x):", max_tokens=12, temperature=0, logprobs=1,
+                  extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    streamed = [c.choices[0].logprobs for c in client.completions.create(stream=True, **kwargs)]
+    assert [lp for s in streamed if s for lp in s.token_logprobs] == whole.token_logprobs

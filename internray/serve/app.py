@@ -8,6 +8,7 @@ Errors travel from the replica as values (never as exceptions), so the router ca
 with the right status code before a stream starts.
 """
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -51,7 +52,7 @@ class LLMServer:
                   else self.serving.completions(request))
         started = False
         try:
-            async for item in stream:
+            async for item in coalesce(stream):
                 started = True
                 yield item
         except OpenAIError as e:
@@ -61,6 +62,44 @@ class LLMServer:
                 yield f"data: {json.dumps(e.body())}\n\n"
         finally:
             await stream.aclose()  # a cancelled call lands here: the engine frees the sequences
+
+
+async def coalesce(stream):
+    """Yield `stream`'s items, joining Server-Sent-Event strings that are already waiting into one.
+
+    Each item a replica yields crosses Ray to the router and then the proxy; when the engine makes
+    tokens faster than that path forwards them, sending what has piled up as one chunk keeps the
+    per-token cost (and the CPU it takes from the engine) from growing with the backlog."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump():
+        try:
+            async for item in stream:
+                await queue.put(item)
+        except BaseException as e:  # re-raised in the consumer (OpenAIError included)
+            await queue.put(e)
+        await queue.put(done)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            item = await queue.get()
+            while isinstance(item, str) and not queue.empty():
+                following = queue.get_nowait()
+                if not isinstance(following, str):
+                    yield item
+                    item = following
+                    break
+                item += following
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 api = FastAPI(title="internray OpenAI-compatible API")

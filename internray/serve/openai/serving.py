@@ -90,6 +90,24 @@ class OpenAIServing:
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
 
+    async def _deltas(self, jobs, finals: dict[int, RequestOutput], hold_from: str | None = None):
+        """For streaming: (choice, output, new text, its offset, new logprob entries) per output;
+        `finals` collects each choice's last output. Text from `hold_from` on is held back."""
+        sent, sent_logprobs = [0] * len(jobs), [0] * len(jobs)
+        async for i, out in self._run(jobs):
+            if out.finished:
+                finals[i] = out
+            text = out.text if out.finished else out.stable_text
+            if hold_from and hold_from in text:
+                text = text[:text.index(hold_from)]
+            offset = sent[i]
+            sent[i] = max(sent[i], len(text))
+            new_logprobs = []
+            if text[offset:] or out.finished:  # logprobs travel with the text they produced
+                new_logprobs = out.logprobs[sent_logprobs[i]:]
+                sent_logprobs[i] = len(out.logprobs)
+            yield i, out, text[offset:], offset, new_logprobs
+
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
@@ -125,23 +143,13 @@ class OpenAIServing:
                 jobs.append((ids, self._params(request, max_tokens, request.logprobs, c, guide)))
         rid, created = new_id("cmpl"), now()
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
-        sent = [0] * len(jobs)
-        sent_logprobs = [0] * len(jobs)
         finals: dict[int, RequestOutput] = {}
-        async for i, out in self._run(jobs):
-            if out.finished:
-                finals[i] = out
-            if not request.stream:
+        async for i, out, delta, offset, new_logprobs in self._deltas(jobs, finals):
+            if not request.stream or not (delta or out.finished):
                 continue
-            text = out.text if out.finished else out.stable_text
-            delta, sent[i] = text[sent[i]:], max(sent[i], len(text))
-            logprobs = None
-            if request.logprobs is not None and (delta or out.finished):
-                logprobs = self._completion_logprobs(out.logprobs[sent_logprobs[i]:], sent[i] - len(delta))
-                sent_logprobs[i] = len(out.logprobs)
-            if delta or out.finished:
-                yield sse(head | {"choices": [{"index": i, "text": delta, "logprobs": logprobs,
-                                               "finish_reason": out.finish_reason}]})
+            logprobs = None if request.logprobs is None else self._completion_logprobs(new_logprobs, offset)
+            yield sse(head | {"choices": [{"index": i, "text": delta, "logprobs": logprobs,
+                                           "finish_reason": out.finish_reason}]})
         total = self._usage(prompts, request.n, finals)
         if request.stream:
             if request.include_usage:
@@ -183,25 +191,17 @@ class OpenAIServing:
         tools = request.tools if request.tools and request.tool_choice != "none" else []
         rid, created = new_id("chatcmpl"), now()
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
-        sent, sent_logprobs, finals = [0] * len(jobs), [0] * len(jobs), {}
+        finals: dict[int, RequestOutput] = {}
         if request.stream:
             for i in range(len(jobs)):
                 yield sse(head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                "logprobs": None, "finish_reason": None}]})
-        async for i, out in self._run(jobs):
-            if out.finished:
-                finals[i] = out
+        hold = TOOL_CALL_OPEN if tools else None  # a tool call is sent once complete, as `tool_calls`
+        async for i, out, delta, _, new_logprobs in self._deltas(jobs, finals, hold):
             if not request.stream:
                 continue
-            text = out.text if out.finished else out.stable_text
-            if tools and TOOL_CALL_OPEN in text:  # hold a tool call back until it is complete
-                text = text[:text.index(TOOL_CALL_OPEN)]
-            delta, sent[i] = text[sent[i]:], max(sent[i], len(text))
-            choice = {"index": i, "delta": {"content": delta} if delta else {}, "logprobs": None,
-                      "finish_reason": None}
-            if logprobs is not None and len(out.logprobs) > sent_logprobs[i]:
-                choice["logprobs"] = self._chat_logprobs(out.logprobs[sent_logprobs[i]:])
-                sent_logprobs[i] = len(out.logprobs)
+            choice = {"index": i, "delta": {"content": delta} if delta else {}, "finish_reason": None,
+                      "logprobs": self._chat_logprobs(new_logprobs) if logprobs is not None and new_logprobs else None}
             if out.finished:
                 content, calls = parse_tool_calls(out.text, tools) if tools else (out.text, [])
                 if calls:

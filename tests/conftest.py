@@ -23,8 +23,9 @@ def ray_cluster():
     runtime.shutdown()
 
 
-def build_tiny_llama(out: Path, *, vocab_size: int = 512, seed: int = 0, **shape) -> Path:
-    """A random tiny Llama checkpoint with a tokenizer trained on stdlib sources (no hub)."""
+def build_tiny_llama(out: Path, *, vocab_size: int = 512, spare_tokens: int = 0, seed: int = 0, **shape) -> Path:
+    """A random tiny Llama checkpoint with a tokenizer trained on stdlib sources (no hub);
+    `spare_tokens` extra embedding rows leave room for special tokens added later."""
     import sysconfig
 
     import torch
@@ -35,7 +36,7 @@ def build_tiny_llama(out: Path, *, vocab_size: int = 512, seed: int = 0, **shape
     stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]
     train_tokenizer([p.read_text(encoding="utf-8") for p in stdlib], vocab_size=vocab_size, min_frequency=2, out=out)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=1024, tie_word_embeddings=False,
+    config = LlamaConfig(vocab_size=vocab_size + spare_tokens, max_position_embeddings=1024, tie_word_embeddings=False,
                          **({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                              "num_attention_heads": 4, "num_key_value_heads": 2} | shape))
     LlamaForCausalLM(config).save_pretrained(out)

@@ -145,3 +145,41 @@ def test_invalid_constraints_are_400s_naming_the_problem(openai_server, extra, p
     r = httpx.post(openai_server.url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 400
     assert r.json()["error"]["param"] == param and words in r.json()["error"]["message"]
+
+
+def test_internlm2_tool_format_is_constrained_and_parsed(tmp_path):
+    """A tokenizer with InternLM2's action special tokens and a template that speaks of <|plugin|>:
+    required calls come out as <|action_start|><|plugin|> blocks and parse into tool_calls."""
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    from conftest import build_tiny_llama
+    from internray.models.export import DEFAULT_CHAT_TEMPLATE
+    from internray.serve.engine.async_engine import AsyncLLMEngine
+    from internray.serve.openai.chat import INTERNLM2, tool_format
+    from internray.serve.openai.protocol import ChatCompletionRequest
+    from internray.serve.openai.serving import OpenAIServing
+
+    model_dir = build_tiny_llama(tmp_path / "internlm2-style", spare_tokens=8)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(INTERNLM2.special_tokens)})
+    tokenizer.chat_template = "{# tools are announced to the <|plugin|> role #}" + DEFAULT_CHAT_TEMPLATE
+    tokenizer.save_pretrained(model_dir)
+    assert tool_format(AutoTokenizer.from_pretrained(model_dir)) is INTERNLM2
+
+    serving = OpenAIServing(AsyncLLMEngine(EngineConfig(model=str(model_dir), kv_cache_gib=0.01), verbose=False),
+                            "internlm2-style")
+    request = ChatCompletionRequest(model="internlm2-style", messages=[{"role": "user", "content": "1 + 2?"}],
+                                    tools=[ADD], tool_choice="required", max_tokens=80, temperature=1.0, seed=0,
+                                    n=3, parallel_tool_calls=False)
+
+    async def ask():
+        return [item async for item in serving.chat(request)][0]
+
+    response = asyncio.run(ask())
+    for choice in response["choices"]:
+        assert choice["finish_reason"] == "tool_calls", choice
+        call = choice["message"]["tool_calls"][0]["function"]
+        assert call["name"] == "add"
+        jsonschema.validate(json.loads(call["arguments"]), ADD["function"]["parameters"])

@@ -146,7 +146,10 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
-        seq.text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
+        ids = seq.completion_token_ids
+        if ids and ids[-1] in self.eos_ids:
+            ids = ids[:-1]  # the end-of-sequence token is not text, even where special tokens are kept
+        seq.text = self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens)
         self._advance_guide(seq, token)
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             seq.finish("stop")

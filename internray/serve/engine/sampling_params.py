@@ -51,6 +51,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k >= 0 = the sampled token's logprob plus the top k
     guide: Guide | None = None
+    skip_special_tokens: bool = True  # False where special tokens carry meaning (InternLM2 tool calls)
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -13,7 +13,7 @@ from typing import AsyncIterator
 from internray.serve.engine.async_engine import AsyncLLMEngine
 from internray.serve.engine.llm_engine import RequestOutput
 from internray.serve.engine.sampling_params import InvalidRequest, SamplingParams
-from internray.serve.openai.chat import TOOL_CALL_OPEN, parse_tool_calls, render_prompt, tool_guide
+from internray.serve.openai.chat import parse_tool_calls, render_prompt, tool_format, tool_guide
 from internray.serve.openai.protocol import (
     ChatCompletionRequest, CompletionRequest, OpenAIError, new_id, now, usage,
 )
@@ -31,6 +31,7 @@ class OpenAIServing:
         self.engine, self.model_name = engine, model_name
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
+        self.tool_format = tool_format(self.tokenizer)
 
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": now(), "owned_by": "internray",
@@ -186,9 +187,13 @@ class OpenAIServing:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         max_tokens = self._max_tokens(len(ids), request.max_completion_tokens or request.max_tokens)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        guide = tool_guide(request) or request.response_guide()
-        jobs = [(ids, self._params(request, max_tokens, logprobs, c, guide)) for c in range(request.n)]
+        fmt = self.tool_format
+        guide = tool_guide(request, fmt) or request.response_guide()
         tools = request.tools if request.tools and request.tool_choice != "none" else []
+        jobs = [(ids, self._params(request, max_tokens, logprobs, c, guide)) for c in range(request.n)]
+        if tools and fmt.special_tokens:  # calls are spelled with special tokens: keep them in the text
+            for _, params in jobs:
+                params.skip_special_tokens = False
         rid, created = new_id("chatcmpl"), now()
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         finals: dict[int, RequestOutput] = {}
@@ -196,14 +201,14 @@ class OpenAIServing:
             for i in range(len(jobs)):
                 yield sse(head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                "logprobs": None, "finish_reason": None}]})
-        hold = TOOL_CALL_OPEN if tools else None  # a tool call is sent once complete, as `tool_calls`
+        hold = fmt.open.strip() if tools else None  # a tool call is sent once complete, as `tool_calls`
         async for i, out, delta, _, new_logprobs in self._deltas(jobs, finals, hold):
             if not request.stream:
                 continue
             choice = {"index": i, "delta": {"content": delta} if delta else {}, "finish_reason": None,
                       "logprobs": self._chat_logprobs(new_logprobs) if logprobs is not None and new_logprobs else None}
             if out.finished:
-                content, calls = parse_tool_calls(out.text, tools) if tools else (out.text, [])
+                content, calls = parse_tool_calls(out.text, tools, fmt) if tools else (out.text, [])
                 if calls:
                     choice["delta"]["tool_calls"] = [c | {"index": k} for k, c in enumerate(calls)]
                 choice["finish_reason"] = "tool_calls" if calls else out.finish_reason
@@ -217,7 +222,7 @@ class OpenAIServing:
             return
         choices = []
         for i, out in sorted(finals.items()):
-            content, calls = parse_tool_calls(out.text, tools) if tools else (out.text, [])
+            content, calls = parse_tool_calls(out.text, tools, fmt) if tools else (out.text, [])
             message = {"role": "assistant", "content": content}
             if calls:
                 message["tool_calls"] = calls

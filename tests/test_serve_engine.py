@@ -165,3 +165,45 @@ def test_block_manager_shares_prefix_blocks_and_frees_them():
     c = Sequence(list(range(8)), GREEDY)  # still found after both owners left
     blocks.allocate(c)
     assert c.num_cached_tokens == 8 and c.num_computed_tokens == 7  # the last token is recomputed
+
+
+def internlm3(**kw):
+    from internray.models.presets import model_config
+
+    return model_config("tiny", vocab_size=512, max_position_embeddings=1024, **kw)
+
+
+def qwen2():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("make_config", [
+    lambda: internlm3(),
+    lambda: internlm3(qkv_bias=True, bias=True),
+    lambda: internlm3(rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}),
+    qwen2,
+], ids=["internlm3", "internlm3-bias", "internlm3-dynamic-rope", "qwen2-tied"])
+def test_other_llama_family_checkpoints_match_hf(tmp_path, tiny_llama_dir, prompts, make_config):
+    import shutil
+
+    from transformers import AutoModelForCausalLM as Auto
+
+    torch.manual_seed(1)
+    config = make_config()
+    model = Auto.from_config(config).eval()
+    for p in model.parameters():  # non-zero biases, so that a bias mapped wrong shows
+        if p.dim() == 1:
+            p.data.normal_(0, 0.5)
+    model.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama_dir / name, tmp_path / name)
+    llm = LLM(engine_config(tmp_path, block_size=4, max_num_batched_tokens=16), verbose=False)
+    for ids in prompts[:3]:
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        assert llm.generate([ids], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0].token_ids == expected

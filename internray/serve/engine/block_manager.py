@@ -9,7 +9,7 @@ not a separate store (nano-vllm's design).
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from internray.serve.engine.sequence import Sequence
@@ -32,7 +32,9 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_ids: deque[int] = deque(range(num_blocks))
+        # insertion-ordered, so the least recently freed block is reused first (LRU for the prefix
+        # cache) and a cache hit takes its block out of the free list in O(1)
+        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[int, int] = {}  # chain hash -> block id
         self.hit_blocks = self.queried_blocks = 0
 
@@ -105,12 +107,12 @@ class BlockManager:
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free_ids.append(block_id)
+                self.free_ids[block_id] = None
         seq.block_table.clear()
         seq.num_computed_tokens = seq.num_cached_tokens = 0
 
     def _take_free(self) -> int:
-        block = self.blocks[self.free_ids.popleft()]
+        block = self.blocks[self.free_ids.popitem(last=False)[0]]
         if block.hash is not None and self.cached.get(block.hash) == block.block_id:
             del self.cached[block.hash]  # its contents are about to be overwritten
         block.hash, block.token_ids, block.ref_count = None, [], 1
@@ -119,5 +121,5 @@ class BlockManager:
     def _share(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:
-            self.free_ids.remove(block_id)
+            del self.free_ids[block_id]
         block.ref_count += 1

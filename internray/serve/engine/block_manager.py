@@ -92,14 +92,16 @@ class BlockManager:
         """Enter `seq`'s blocks whose tokens are all computed into the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        prefix_hash = None
-        for i in range(seq.num_computed_tokens // self.block_size):
+        start = seq.num_published_blocks  # blocks before it are already in the cache
+        prefix_hash = self.blocks[seq.block_table[start - 1]].hash if start else None
+        for i in range(start, seq.num_computed_tokens // self.block_size):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
                 tokens = seq.block_tokens(i, self.block_size)
                 block.hash, block.token_ids = chain_hash(prefix_hash, tokens), tokens
                 self.cached.setdefault(block.hash, block.block_id)
             prefix_hash = block.hash
+            seq.num_published_blocks = i + 1
 
     def free(self, seq: Sequence) -> None:
         """Return `seq`'s blocks; cached ones stay findable until their block is reused."""
@@ -109,7 +111,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_ids[block_id] = None
         seq.block_table.clear()
-        seq.num_computed_tokens = seq.num_cached_tokens = 0
+        seq.num_computed_tokens = seq.num_cached_tokens = seq.num_published_blocks = 0
 
     def _take_free(self) -> int:
         block = self.blocks[self.free_ids.popitem(last=False)[0]]

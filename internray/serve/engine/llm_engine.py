@@ -43,7 +43,7 @@ class LLMEngine:
         hf_config = AutoConfig.from_pretrained(config.model)
         self.vocab_size = hf_config.vocab_size
         self.eos_ids = set(_as_list(hf_config.eos_token_id)) | ({self.tokenizer.eos_token_id} - {None})
-        num_blocks = kv_cache_blocks(config)
+        num_blocks = kv_cache_blocks(config, hf_config)
         capacity = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or hf_config.max_position_embeddings, capacity)
         if self.max_model_len < 2:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import AutoConfig
 
 from internray.serve.config import EngineConfig
 from internray.serve.engine.scheduler import ScheduledChunk
@@ -32,8 +31,7 @@ def kv_block_bytes(hf_config, engine: EngineConfig) -> int:
     return 2 * hf_config.num_hidden_layers * engine.block_size * heads * head_dim(hf_config) * dtype.itemsize
 
 
-def kv_cache_blocks(engine: EngineConfig) -> int:
-    hf_config = AutoConfig.from_pretrained(engine.model)
+def kv_cache_blocks(engine: EngineConfig, hf_config) -> int:
     return int(engine.kv_cache_gib * 2**30 // kv_block_bytes(hf_config, engine))
 
 

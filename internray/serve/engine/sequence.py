@@ -33,6 +33,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    num_published_blocks: int = 0  # leading blocks already entered into the prefix cache
     finish_reason: str | None = None
     text: str = ""  # detokenized completion, cut at a stop string
     logprobs: list[dict] = field(default_factory=list)

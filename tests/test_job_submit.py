@@ -6,6 +6,7 @@ its own process group so stopping it cannot touch the test session's embedded cl
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -59,7 +60,8 @@ def ray_head(tmp_path_factory):
         head.wait(10)
     except subprocess.TimeoutExpired:
         pass
-    os.killpg(head.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # the whole group may already be gone after SIGTERM
+        os.killpg(head.pid, signal.SIGKILL)
     head.wait(10)
 
 

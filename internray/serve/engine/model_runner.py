@@ -13,7 +13,8 @@ import torch
 
 from internray.serve.config import EngineConfig
 from internray.serve.engine.scheduler import ScheduledChunk
-from internray.serve.model.layers import AttentionBatch, PrefillSpan, TPInfo
+from internray.serve.model import cpu_attention
+from internray.serve.model.layers import AttentionBatch, PrefillSpan, TPInfo, pack_linears_for_cpu
 from internray.serve.model.llama import head_dim
 from internray.serve.model.loader import load_model, resolve_dtype
 
@@ -42,9 +43,9 @@ class StepInput:
     slot_mapping: np.ndarray  # [T]
     sample_index: np.ndarray  # [S] flat positions whose logits are wanted
     decode_index: np.ndarray  # [D]
-    decode_slots: np.ndarray  # [D, max context]
-    decode_lengths: np.ndarray  # [D]
-    prefills: list[tuple[int, int, np.ndarray | None]]  # (start, length, context slots or None)
+    decode_blocks: np.ndarray  # [D, max blocks] block tables, zero-padded
+    decode_lengths: np.ndarray  # [D] context lengths
+    prefills: list[tuple[int, int, np.ndarray | None, int]]  # (start, length, context blocks or None, context length)
 
 
 def slots_of(block_table: list[int], block_size: int, start: int, stop: int) -> np.ndarray:
@@ -54,7 +55,7 @@ def slots_of(block_table: list[int], block_size: int, start: int, stop: int) -> 
 
 def prepare_step(chunks: list[ScheduledChunk], block_size: int) -> StepInput:
     ids, positions, slots, sample_index = [], [], [], []
-    decode_index, decode_slots, prefills = [], [], []
+    decode_index, decode_tables, decode_lengths, prefills = [], [], [], []
     start = 0
     for chunk in chunks:
         seq, n, begin = chunk.seq, chunk.num_tokens, chunk.seq.num_computed_tokens
@@ -63,20 +64,20 @@ def prepare_step(chunks: list[ScheduledChunk], block_size: int) -> StepInput:
         slots.append(slots_of(seq.block_table, block_size, begin, begin + n))
         if n == 1 and begin > 0:
             decode_index.append(start)
-            decode_slots.append(slots_of(seq.block_table, block_size, 0, begin + 1))
+            decode_tables.append(seq.block_table[:begin // block_size + 1])
+            decode_lengths.append(begin + 1)
         else:
-            context = slots_of(seq.block_table, block_size, 0, begin + n) if begin else None
-            prefills.append((start, n, context))
+            context = np.asarray(seq.block_table[:-(-(begin + n) // block_size)]) if begin else None
+            prefills.append((start, n, context, begin + n))
         start += n
         if chunk.samples:
             sample_index.append(start - 1)
-    lengths = np.array([len(s) for s in decode_slots], dtype=np.int64)
-    padded = np.zeros((len(decode_slots), lengths.max() if len(lengths) else 0), dtype=np.int64)
-    for row, s in zip(padded, decode_slots):
-        row[:len(s)] = s
+    tables = np.zeros((len(decode_tables), max(map(len, decode_tables), default=0)), dtype=np.int64)
+    for row, table in zip(tables, decode_tables):
+        row[:len(table)] = table
     return StepInput(np.asarray(ids, dtype=np.int64), np.concatenate(positions), np.concatenate(slots),
                      np.asarray(sample_index, dtype=np.int64), np.asarray(decode_index, dtype=np.int64),
-                     padded, lengths, prefills)
+                     tables, np.asarray(decode_lengths, dtype=np.int64), prefills)
 
 
 class ModelRunner:
@@ -89,8 +90,14 @@ class ModelRunner:
             self.device = torch.device("cuda", torch.cuda.current_device())
         dtype = resolve_dtype(engine.dtype, self.device)
         self.model = load_model(engine.model, tp, dtype, self.device)
+        if self.device.type == "cpu" and dtype != torch.float16 and torch.backends.mkldnn.is_available():
+            pack_linears_for_cpu(self.model, engine.max_num_seqs)
         attn = self.model.model.layers[0].self_attn
-        shape = (num_blocks * engine.block_size, 2, attn.num_kv_heads, attn.head_dim)
+        self.block_size = engine.block_size
+        shape = (num_blocks, engine.block_size, 2, attn.num_kv_heads, attn.head_dim)
+        self.decode_kernel = None
+        if self.device.type == "cpu" and engine.compiled_cpu_attention:
+            self.decode_kernel = cpu_attention.load()
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.model.model.layers]
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
@@ -98,19 +105,21 @@ class ModelRunner:
 
     def attention_batch(self, step: StepInput) -> AttentionBatch:
         lengths = self._tensor(step.decode_lengths)
-        width = step.decode_slots.shape[1]
-        decode_mask = (torch.arange(width, device=self.device)[None] < lengths[:, None])[:, None, None]
+        decode_mask = None
+        if self.decode_kernel is None:
+            width = step.decode_blocks.shape[1] * self.block_size
+            decode_mask = (torch.arange(width, device=self.device)[None] < lengths[:, None])[:, None, None]
         prefills = []
-        for start, length, context in step.prefills:
+        for start, length, context, context_len in step.prefills:
             mask = None
             if context is not None:
-                offset = len(context) - length
-                rows = torch.arange(length, device=self.device)[:, None] + offset
-                mask = torch.arange(len(context), device=self.device)[None] <= rows
+                rows = torch.arange(length, device=self.device)[:, None] + (context_len - length)
+                mask = torch.arange(context_len, device=self.device)[None] <= rows
                 context = self._tensor(context)
             prefills.append(PrefillSpan(start, length, context, mask))
         return AttentionBatch(self._tensor(step.slot_mapping), self._tensor(step.decode_index),
-                              self._tensor(step.decode_slots), decode_mask, prefills)
+                              self._tensor(step.decode_blocks), lengths, decode_mask, self.decode_kernel,
+                              prefills)
 
     def execute(self, step: StepInput) -> torch.Tensor:
         """Logits [len(step.sample_index), vocab], fp32, on the CPU."""

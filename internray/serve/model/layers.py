@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from internray.serve.model.cpu_attention import decode_attention
+
 
 @dataclass
 class TPInfo:
@@ -21,44 +23,79 @@ class TPInfo:
     size: int = 1
 
 
-class ColumnParallelLinear(nn.Module):
+class Linear(nn.Module):
+    """y = x W^T (+ b), replicated on every rank. On CPUs the weight can be reordered once into
+    oneDNN's blocked layout (`pack_for_cpu`, what vLLM's CPU backend does too): its matmuls are
+    1.3-1.8x faster than MKL's sgemm on the 1-64 row batches decoding runs (benchmarks/serve.py)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight.tp_dim = None
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.tp_dim = None
+        self.packed: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+        return F.linear(x, self.weight, bias)
+
+    def pack_for_cpu(self, batch_hint: int, keep_dense: bool) -> None:
+        """Swap the dense weight for its oneDNN layout (freeing the dense copy unless another
+        module shares it, as a tied lm_head shares the embedding)."""
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, batch_hint)
+        if not keep_dense:
+            self.weight.data = torch.empty(0, dtype=self.weight.dtype)
+
+
+class ColumnParallelLinear(Linear):
     """Output features split across ranks. Several checkpoint matrices with the same input can be
     fused into one (q/k/v, gate/up): `parts` lists their output sizes, each rank holds its shard
     of every part side by side, and one matmul computes them all."""
 
     def __init__(self, in_features: int, parts: list[int], bias: bool, tp: TPInfo):
-        super().__init__()
         for size in parts:
             if size % tp.size:
                 raise ValueError(f"{size} output features do not split over tensor parallel size {tp.size}")
+        super().__init__(in_features, sum(parts) // tp.size, bias)
         self.parts = [size // tp.size for size in parts]
-        self.weight = nn.Parameter(torch.empty(sum(self.parts), in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(sum(self.parts)), requires_grad=False) if bias else None
         for param in (p for p in (self.weight, self.bias) if p is not None):
             param.tp_dim, param.parts = 0, self.parts
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
+class RowParallelLinear(Linear):
+    """Input features split across ranks; the partial products are all-reduced before the bias."""
 
-class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPInfo):
-        super().__init__()
         if in_features % tp.size:
             raise ValueError(f"{in_features} input features do not split over tensor parallel size {tp.size}")
+        super().__init__(in_features // tp.size, out_features, bias)
         self.tp = tp
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // tp.size), requires_grad=False)
         self.weight.tp_dim = 1
-        self.bias = None
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
-            self.bias.tp_dim = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.matmul(x, None)
         if self.tp.size > 1:
             dist.all_reduce(y)
         return y if self.bias is None else y + self.bias
+
+
+def pack_linears_for_cpu(model: nn.Module, batch_hint: int) -> None:
+    """Reorder every linear's weight for oneDNN (see `Linear`); weights another module also holds
+    (tied embeddings) keep their dense copy."""
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    for linear in linears:
+        linear.pack_for_cpu(batch_hint, keep_dense=owners[id(linear.weight)] > 1)
 
 
 class RMSNorm(nn.Module):
@@ -89,7 +126,7 @@ class PrefillSpan:
     """One sequence's chunk in a step: tokens [start, start + length) of the flat batch."""
     start: int
     length: int
-    context_slots: torch.Tensor | None  # cache slots of all context tokens; None: no earlier context
+    context_blocks: torch.Tensor | None  # cache blocks holding all context tokens; None: no earlier context
     mask: torch.Tensor | None  # [length, context] causal mask with the chunk's offset
 
 
@@ -98,35 +135,51 @@ class AttentionBatch:
     """Where this step's tokens go in the cache and what each attends to; shared by all layers."""
     slot_mapping: torch.Tensor  # [tokens]
     decode_index: torch.Tensor  # [decodes] positions in the flat batch of one-token sequences
-    decode_slots: torch.Tensor  # [decodes, max context] cache slots (padded)
-    decode_mask: torch.Tensor  # [decodes, 1, 1, max context] True where a slot is real
+    decode_blocks: torch.Tensor  # [decodes, max blocks] block tables (padded)
+    decode_lengths: torch.Tensor  # [decodes] context lengths, the new token included
+    decode_mask: torch.Tensor | None  # [decodes, 1, 1, max blocks * block size] True where a slot is real
+    decode_kernel: object | None = None  # compiled CPU decode attention (model/cpu_attention.py); None: SDPA
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     batch: AttentionBatch) -> torch.Tensor:
     """Store this step's keys/values in the cache, then attend. q: [T, H, D]; k, v: [T, Hkv, D];
-    kv_cache: [slots, 2, Hkv, D] (keys and values side by side: one copy in, one gather out).
-    One batched call covers all decoding sequences; each prefill chunk is its own call (causal,
-    offset by its cached context)."""
-    kv_cache.index_copy_(0, batch.slot_mapping, torch.stack((k, v), 1))
+    kv_cache: [blocks, block size, 2, Hkv, D] (keys and values side by side: one copy in).
+    Decoding sequences are one batched call: the compiled kernel where there is one (it reads the
+    cache in place), else a gather of their blocks (whole 16-token rows copy ~2x faster than single
+    slots) and one masked SDPA. Each prefill chunk is its own call (causal, offset by its cached
+    context)."""
+    cache_slots = kv_cache.view(-1, *kv_cache.shape[2:])
+    cache_slots.index_copy_(0, batch.slot_mapping, torch.stack((k, v), 1))
     out = torch.empty_like(q)
     if len(batch.decode_index):
-        qd = q[batch.decode_index].unsqueeze(2)  # [B, H, 1, D]
-        kvd = kv_cache[batch.decode_slots]  # [B, S, 2, Hkv, D]
-        kd, vd = kvd[:, :, 0].transpose(1, 2), kvd[:, :, 1].transpose(1, 2)  # [B, Hkv, S, D]
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, enable_gqa=True)
-        out[batch.decode_index] = od.squeeze(2)
+        qd = q[batch.decode_index]  # [B, H, D]
+        if batch.decode_kernel is not None:
+            od = decode_attention(qd, kv_cache, batch.decode_blocks, batch.decode_lengths, batch.decode_kernel)
+        else:
+            kvd = gather_blocks(kv_cache, batch.decode_blocks)  # [B, S, 2, Hkv, D]
+            kd, vd = kvd[:, :, 0].transpose(1, 2), kvd[:, :, 1].transpose(1, 2)  # [B, Hkv, S, D]
+            od = F.scaled_dot_product_attention(qd.unsqueeze(2), kd, vd, attn_mask=batch.decode_mask,
+                                                enable_gqa=True).squeeze(2)
+        out[batch.decode_index] = od
     for span in batch.prefills:
         rows = slice(span.start, span.start + span.length)
         qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
-        if span.context_slots is None:
+        if span.context_blocks is None:
             kp, vp = k[rows], v[rows]
         else:
-            kvp = kv_cache[span.context_slots]
+            kvp = gather_blocks(kv_cache, span.context_blocks[None])[0, :span.mask.shape[1]]
             kp, vp = kvp[:, 0], kvp[:, 1]
         kp, vp = kp.transpose(0, 1).unsqueeze(0), vp.transpose(0, 1).unsqueeze(0)
         op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=span.mask, is_causal=span.mask is None,
                                             enable_gqa=True)
         out[rows] = op.squeeze(0).transpose(0, 1)
     return out
+
+
+def gather_blocks(kv_cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """[B, blocks] block tables -> [B, blocks * block size, 2, Hkv, D] copies of those blocks."""
+    batch, blocks = tables.shape
+    rows = kv_cache.index_select(0, tables.reshape(-1))
+    return rows.view(batch, blocks * kv_cache.shape[1], *kv_cache.shape[2:])

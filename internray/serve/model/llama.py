@@ -16,7 +16,7 @@ from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from internray.serve.model.layers import (
-    AttentionBatch, ColumnParallelLinear, RMSNorm, RowParallelLinear, TPInfo, apply_rotary, paged_attention,
+    AttentionBatch, ColumnParallelLinear, Linear, RMSNorm, RowParallelLinear, TPInfo, apply_rotary, paged_attention,
 )
 
 SUPPORTED = ("llama", "internlm3", "qwen2", "mistral")
@@ -106,9 +106,7 @@ class LlamaForCausalLM(nn.Module):
         check_supported(config, tp.size)
         self.config = config
         self.model = LlamaModel(config, tp)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.lm_head.weight.requires_grad_(False)
-        self.lm_head.weight.tp_dim = None
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = LlamaRotaryEmbedding(config)

@@ -1,0 +1,151 @@
+"""Decode attention read straight from the paged KV cache, compiled for this CPU on first use.
+
+Why a kernel: in pure PyTorch a decoding batch must first gather every sequence's context out of
+the paged cache into one padded tensor (a copy of all K and V, every layer, every step) and then
+run SDPA over the padding. On CPUs memory bandwidth is the limit, so that copy costs as much as
+the attention itself. This kernel walks each sequence's block table and reads keys and values
+in place, once per sequence for all heads (GQA included), with an exact (max-subtracted) softmax in
+fp32; it is what vLLM's CPU backend does with its own C++ kernels.
+
+It is built with `torch.utils.cpp_extension.load_inline` (needs a C++ compiler, as vLLM's CPU
+build and `torch.compile` do), for this machine's instruction set, into torch's extension cache
+(one build per CPU flavour, ~30 s, then reused). Without a compiler `load()` returns None, says
+why once, and attention takes the portable gather + SDPA path (model/layers.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import platform
+import warnings
+from functools import cache
+
+import torch
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+constexpr int64_t kPrefetchTokens = 16;
+
+template <typename T>
+static inline float dot(const float* q, const T* k, int64_t d) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < d; ++i) s += q[i] * static_cast<float>(k[i]);
+  return s;
+}
+
+template <typename T>
+static inline void axpy(float a, const T* v, float* acc, int64_t d) {
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) acc[i] += a * static_cast<float>(v[i]);
+}
+
+template <typename T>
+static inline void prefetch_row(const T* row, int64_t elements) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < elements * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+}
+
+template <typename T>
+static void run(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tables,
+                const at::Tensor& lengths, at::Tensor& out, double scale) {
+  // One task per sequence, all heads together: a token's keys (then values) for every head are one
+  // contiguous row and a block is 16 consecutive rows, so the cache streams through the prefetcher
+  // instead of being visited head by head at a stride. The value pass finds the block in L2.
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t block = cache.size(1), Hkv = cache.size(3), G = H / Hkv;
+  const int64_t token_stride = 2 * Hkv * D, block_stride = block * token_stride;
+  const int64_t table_width = tables.size(1);
+  const T* qp = q.data_ptr<T>();
+  const T* cp = cache.data_ptr<T>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  const int64_t max_len = *std::max_element(lp, lp + B);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(H * D), acc(H * D), scores(H * max_len), total(H);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t len = lp[b];
+      const int64_t* table = tp + b * table_width;
+      for (int64_t i = 0; i < H * D; ++i) qf[i] = static_cast<float>(qp[b * H * D + i]) * scale;
+      for (int64_t t = 0; t < len; ++t) {
+        const int64_t ahead = t + kPrefetchTokens;  // blocks are scattered: hide the jump to the next one
+        if (ahead < len) prefetch_row(cp + table[ahead / block] * block_stride + (ahead % block) * token_stride, token_stride);
+        const T* k = cp + table[t / block] * block_stride + (t % block) * token_stride;
+        for (int64_t h = 0; h < H; ++h) scores[h * len + t] = dot(&qf[h * D], k + (h / G) * D, D);
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        float* s = &scores[h * len];
+        const float m = *std::max_element(s, s + len);
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; ++t) { s[t] = std::exp(s[t] - m); sum += s[t]; }
+        total[h] = sum;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < len; ++t) {
+        const T* v = cp + table[t / block] * block_stride + (t % block) * token_stride + Hkv * D;
+        for (int64_t h = 0; h < H; ++h) axpy(scores[h * len + t], v + (h / G) * D, &acc[h * D], D);
+      }
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < D; ++i) op[(b * H + h) * D + i] = static_cast<T>(acc[h * D + i] / total[h]);
+    }
+  });
+}
+
+at::Tensor decode_attention(at::Tensor q, at::Tensor cache, at::Tensor tables, at::Tensor lengths, double scale) {
+  TORCH_CHECK(q.dim() == 3 && cache.dim() == 5 && tables.dim() == 2 && lengths.dim() == 1, "bad ranks");
+  TORCH_CHECK(q.scalar_type() == cache.scalar_type(), "q and cache dtypes differ");
+  TORCH_CHECK(q.size(1) % cache.size(3) == 0, "query heads must be a multiple of KV heads");
+  q = q.contiguous();
+  tables = tables.contiguous();
+  lengths = lengths.contiguous();
+  auto out = at::empty_like(q);
+  if (q.size(0) == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+    run<scalar_t>(q, cache, tables, lengths, out, scale);
+  });
+  return out;
+}
+"""
+
+
+def _cpu_flavour() -> str:
+    """A short tag of this CPU's instruction set: the build uses -march=native, so machines that
+    share a home directory but not a CPU must not share the binary."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+
+
+@cache
+def load():
+    """The compiled kernel module, or None (with one warning naming the reason) where it cannot be
+    built; the engine then attends through gather + SDPA."""
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        source_tag = hashlib.sha1(SOURCE.encode()).hexdigest()[:8]
+        return load_inline(
+            name=f"internray_cpu_attention_{source_tag}_{_cpu_flavour()}", cpp_sources=SOURCE,
+            functions=["decode_attention"], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:  # no compiler, no headers, an unusual platform: the portable path still works
+        warnings.warn(f"internray: compiled CPU decode attention unavailable ({type(exc).__name__}: "
+                      f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}); using gather + SDPA")
+        return None
+
+
+def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor,
+                     kernel) -> torch.Tensor:
+    """q: [B, H, D]; kv_cache: [blocks, block size, 2, Hkv, D]; tables: [B, max blocks] (int64);
+    lengths: [B] context lengths including the new token -> [B, H, D]."""
+    return kernel.decode_attention(q, kv_cache, tables, lengths, q.shape[-1] ** -0.5)

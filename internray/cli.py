@@ -102,7 +102,7 @@ def serve_command(args) -> int:
     for model in config.models:
         if not Path(model.model, "config.json").is_file():
             raise FileNotFoundError(f"serve: {model.model} is not an HF checkpoint directory (no config.json)")
-    _connect(args.address)
+    _connect(args.address, worker_niceness=0)  # engines are latency-bound: see runtime.raise_thread_priority
     serve_forever(config)
     return 0
 
@@ -137,10 +137,10 @@ def doctor(address: str | None) -> int:
         return 1
 
 
-def _connect(address: str | None) -> dict:
+def _connect(address: str | None, **options) -> dict:
     from internray import runtime
 
-    info = runtime.connect(address)
+    info = runtime.connect(address, **options)
     print(f"[internray] ray at {info['address']}, dashboard {info['dashboard'] or 'n/a'}", flush=True)
     return info
 

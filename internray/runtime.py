@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import ray
@@ -27,12 +28,16 @@ DASHBOARD_HOST = "127.0.0.1"
 _dashboard_url: str | None = None
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None) -> dict:
-    """Join `address` (or `RAY_ADDRESS`), else start an embedded cluster; return where it is."""
+def connect(address: str | None = None, *, num_cpus: int | None = None, worker_niceness: int | None = None) -> dict:
+    """Join `address` (or `RAY_ADDRESS`), else start an embedded cluster; return where it is.
+    `worker_niceness` (embedded cluster only) overrides Ray's default of 15 for its worker
+    processes: the serve stage wants 0, see `raise_thread_priority`."""
     global _dashboard_url
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
         if address is None:
+            if worker_niceness is not None:  # read by the raylet we start and inherited by its workers
+                os.environ.setdefault("RAY_worker_niceness", str(worker_niceness))
             context = ray.init(
                 num_cpus=num_cpus,
                 include_dashboard=True,
@@ -46,6 +51,25 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> dict:
             context = ray.init(address=address, configure_logging=False)
         _dashboard_url = f"http://{context.dashboard_url}" if context.dashboard_url else None
     return cluster_info()
+
+
+def raise_thread_priority(why: str) -> None:
+    """Bring the calling thread (and the threads it starts later) back to niceness 0.
+
+    Ray starts worker processes at niceness 15 (`RAY_worker_niceness`) so that its own daemons
+    stay responsive. A CPU inference engine cannot live with that: every step is hundreds of
+    OpenMP parallel regions, and each stalls when any niceness-0 process (the proxy's host, GCS,
+    a load generator) preempts one of its threads; on 2 cores that more than doubled TTFT and added
+    half to TPOT (benchmarks/serve.py, online). Lowering niceness needs privilege; without it, say
+    how to start the cluster instead."""
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if current <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)  # on Linux: this thread only
+    except OSError:
+        warnings.warn(f"{why} runs at niceness {current} (Ray's worker default) and may not lower it: "
+                      "start the Ray cluster with RAY_worker_niceness=0 for steady latency", stacklevel=2)
 
 
 def cluster_info() -> dict:

@@ -25,7 +25,8 @@ class EngineConfig(Section):
     enable_prefix_caching: bool = True
     compiled_cpu_attention: bool = Field(True, description="on CPU, decode attention through a kernel compiled "
                                          "on first use (needs a C++ compiler; falls back to SDPA without one)")
-    threads_per_rank: int | None = Field(None, ge=1, description="torch threads per rank on CPU; default: all")
+    threads_per_rank: int | None = Field(None, ge=1, description="torch threads per rank on CPU; default: the CPUs this process may "
+                                         "use / tensor_parallel_size")
 
 
 class ServerConfig(Section):

@@ -13,6 +13,7 @@ import threading
 import traceback
 from typing import AsyncIterator
 
+from internray.runtime import raise_thread_priority
 from internray.serve.config import EngineConfig
 from internray.serve.engine.llm_engine import LLMEngine, RequestOutput
 from internray.serve.engine.sampling_params import SamplingParams
@@ -53,6 +54,7 @@ class AsyncLLMEngine:
                 self._inbox.put(("abort", request_id))
 
     def _loop(self) -> None:
+        raise_thread_priority("the engine thread")
         try:
             while True:
                 self._drain_inbox(block=not self.engine.has_work)

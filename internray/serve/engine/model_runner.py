@@ -6,6 +6,7 @@ the only cross-rank traffic is the all-reduces inside the row-parallel linears.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,12 @@ import torch
 from internray.serve.config import EngineConfig
 from internray.serve.engine.scheduler import ScheduledChunk
 from internray.serve.model import cpu_attention
-from internray.serve.model.layers import AttentionBatch, PrefillSpan, TPInfo, pack_linears_for_cpu
+from internray.serve.model.layers import (
+    AttentionBatch,
+    PrefillSpan,
+    TPInfo,
+    pack_linears_for_cpu,
+)
 from internray.serve.model.llama import head_dim
 from internray.serve.model.loader import load_model, resolve_dtype
 
@@ -82,8 +88,7 @@ def prepare_step(chunks: list[ScheduledChunk], block_size: int) -> StepInput:
 
 class ModelRunner:
     def __init__(self, engine: EngineConfig, tp: TPInfo, num_blocks: int):
-        if engine.threads_per_rank:
-            torch.set_num_threads(engine.threads_per_rank)
+        self.threads = engine.threads_per_rank or max(len(os.sched_getaffinity(0)) // engine.tensor_parallel_size, 1)
         self.device = resolve_device(engine.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(tp.rank % torch.cuda.device_count())
@@ -123,6 +128,10 @@ class ModelRunner:
 
     def execute(self, step: StepInput) -> torch.Tensor:
         """Logits [len(step.sample_index), vocab], fp32, on the CPU."""
+        if torch.get_num_threads() != self.threads:
+            # OpenMP thread counts belong to the calling thread: the engine steps on its own thread
+            # (async_engine), which would otherwise start from Ray workers' OMP_NUM_THREADS=1
+            torch.set_num_threads(self.threads)
         logits = self.model(self._tensor(step.input_ids), self._tensor(step.positions), self.kv_caches,
                             self.attention_batch(step), self._tensor(step.sample_index))
         return logits.cpu()

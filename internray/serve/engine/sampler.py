@@ -42,19 +42,18 @@ def sample(logits: torch.Tensor, seqs: list[Sequence],
     Returns the next token of each sequence and, where asked,
     {"token": id, "logprob": x, "top": [(id, logprob), ...]}."""
     logprobs = logits.log_softmax(-1) if any(s.params.logprobs is not None for s in seqs) else None
-    logits = logits.clone()
-    for row, mask in (allowed or {}).items():
-        logits[row, :len(mask)].masked_fill_(~mask, float("-inf"))
-        logits[row, len(mask):] = float("-inf")
-    logits = apply_penalties(logits, seqs)
-    tokens = []
+    if allowed or any(s.params.has_penalties for s in seqs):
+        logits = logits.clone()  # the caller's logits stay the model's
+        for row, mask in (allowed or {}).items():
+            logits[row, :len(mask)].masked_fill_(~mask, float("-inf"))
+            logits[row, len(mask):] = float("-inf")
+        logits = apply_penalties(logits, seqs)
+    tokens = logits.argmax(-1).tolist()  # one call for the whole batch; sampled rows are redrawn below
     for i, seq in enumerate(seqs):
         p = seq.params
-        if p.greedy:
-            tokens.append(int(logits[i].argmax()))
-            continue
-        row = filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
-        tokens.append(int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator)))
+        if not p.greedy:
+            row = filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
+            tokens[i] = int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator))
     infos: list[dict | None] = []
     for i, (seq, token) in enumerate(zip(seqs, tokens)):
         k = seq.params.logprobs

@@ -8,7 +8,6 @@ together.
 """
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import ray
@@ -32,7 +31,6 @@ class RankWorker:
     """Rank >= 1: its model shard and KV-cache slice."""
 
     def __init__(self, engine: EngineConfig, rank: int, address: str, backend: str, num_blocks: int):
-        os.environ.setdefault("OMP_NUM_THREADS", str(engine.threads_per_rank or 1))
         init_group(rank, engine.tensor_parallel_size, address, backend)
         self.runner = ModelRunner(engine, TPInfo(rank, engine.tensor_parallel_size), num_blocks)
 

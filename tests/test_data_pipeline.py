@@ -26,8 +26,9 @@ from internray import offline
 from internray.config import load_config
 from internray.data.clean import normalize
 from internray.data.config import DataConfig
-from internray.data.decontam import benchmark_items, corpus_overlap
+from internray.data.decontam import benchmark_items
 from internray.data.pipeline import run_data
+from internray.ngrams import corpus_overlap
 from internray.runs import read_manifest
 
 MODULES = ["argparse", "ast", "cmd", "codeop", "collections", "colorsys", "compileall", "configparser", "copy",

@@ -6,9 +6,9 @@ import pytest
 
 from internray.data.clean import detect_kind, normalize, quality_problem
 from internray.data.config import CleanSection
-from internray.data.decontam import ngram_hashes
 from internray.data.minhash import MinHasher, estimated_jaccard
 from internray.data.tokenize import pack, repeats
+from internray.ngrams import ngram_hashes
 
 ENGLISH = ("The quick brown fox jumps over the lazy dog while the farmer watches from the porch, "
            "wondering whether the rain will come before the harvest is finished this year.")

@@ -9,7 +9,10 @@ import urllib.request
 
 import httpx
 import pytest
+import torch
 from openai import AsyncOpenAI, BadRequestError, NotFoundError, OpenAI
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from internray.serve.openai.chat import parse_tool_calls, render_prompt
 from internray.serve.openai.protocol import ChatCompletionRequest
@@ -208,3 +211,28 @@ def test_streamed_logprobs_add_up_to_the_non_streamed_ones(client):
     whole = client.completions.create(**kwargs).choices[0].logprobs
     streamed = [c.choices[0].logprobs for c in client.completions.create(stream=True, **kwargs)]
     assert [lp for s in streamed if s for lp in s.token_logprobs] == whole.token_logprobs
+
+
+def test_echo_scores_the_prompt_like_lm_eval_asks(client, tiny_llama_dir):
+    """lm-eval's loglikelihood request: echo the prompt, max_tokens 0, logprobs of every token."""
+    context, continuation = "def add(a, b):\n    return", " a + b"
+    r = client.completions.create(model="tiny", prompt=context + continuation, max_tokens=0, echo=True,
+                                  logprobs=1, temperature=0)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == context + continuation and r.usage.completion_tokens == 0
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = tokenizer(context + continuation)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    starts = [i for i, offset in enumerate(lp.text_offset) if offset >= len(context)]
+    assert starts, "the continuation's tokens are found by text_offset"
+    got = sum(lp.token_logprobs[i] for i in starts)
+    want = sum(float(expected[i - 1, ids[i]]) for i in starts)
+    assert got == pytest.approx(want, abs=1e-3)
+
+
+def test_max_tokens_zero_needs_echo(openai_server):
+    r = httpx.post(f"{openai_server.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"

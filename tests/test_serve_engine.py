@@ -150,6 +150,21 @@ def test_logprobs_are_the_models_log_softmax(tiny_llama_dir, prompts, hf):
         assert [t for t, _ in info["top"]] == top.indices.tolist()
 
 
+def test_prompt_logprobs_score_every_prompt_token_even_across_chunks_and_cache(tiny_llama_dir, prompts, hf):
+    # a token budget of 16 splits the prompt into chunks; the prompt is cached by an earlier request
+    engine = LLMEngine(engine_config(tiny_llama_dir, block_size=4, max_num_batched_tokens=16), verbose=False)
+    ids = prompts[2]
+    generate(engine, [ids], SamplingParams(max_tokens=1, temperature=0))
+    out = generate(engine, [ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2))[0]
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for position, info in enumerate(out.prompt_logprobs[1:], start=1):
+        assert info["token"] == ids[position]
+        assert info["logprob"] == pytest.approx(float(expected[position - 1, ids[position]]), abs=1e-4)
+        assert [t for t, _ in info["top"]] == expected[position - 1].topk(2).indices.tolist()
+
+
 def test_block_manager_shares_prefix_blocks_and_frees_them():
     blocks = BlockManager(8, 4)
     a = Sequence(list(range(10)), GREEDY)

@@ -6,31 +6,21 @@ of `n` tokens is hashed to 64 bits. A document is contaminated when it shares at
 Benchmark items shorter than `n` tokens cannot be matched; they are counted in the manifest.
 
 The kept corpus' own n-gram hashes are saved too (`ngram_index/`), so that a later eval run can
-ask "was this benchmark item in the training data?" of exactly the data this run produced.
+ask "was this benchmark item in the training data?" of exactly the data this run produced
+(`internray.ngrams.corpus_overlap`, shared with the eval stage so both hash n-grams the same way).
 """
 from __future__ import annotations
 
 import gzip
 import json
-import re
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-_TOKENS = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
-
-
-def ngram_hashes(text: str, n: int) -> np.ndarray:
-    """Unique uint64 hashes of the text's token n-grams (empty if shorter than n tokens)."""
-    tokens = _TOKENS.findall(text.lower())
-    if len(tokens) < n:
-        return np.empty(0, dtype=np.uint64)
-    grams = np.array([" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1)], dtype=object)
-    return np.unique(pd.util.hash_array(grams, categorize=False).astype(np.uint64))
+from internray.ngrams import ngram_hashes
 
 
 def benchmark_items(path: Path) -> Iterator[str]:
@@ -104,15 +94,3 @@ def corpus_ngram_rows(batch: pa.Table, n: int) -> pa.Table:
     per_doc = [ngram_hashes(t, n) for t in batch.column("text").to_pylist()]
     hashes = np.unique(np.concatenate(per_doc)) if per_doc else np.empty(0, dtype=np.uint64)
     return pa.table({"hash": hashes})
-
-
-def corpus_overlap(index_dir: str | Path, texts: list[str]) -> list[float]:
-    """For each text, the fraction of its n-grams present in a data run's corpus index."""
-    meta = json.loads((Path(index_dir) / "meta.json").read_text())
-    per_text = [ngram_hashes(t, meta["ngram"]) for t in texts]
-    wanted = np.unique(np.concatenate(per_text)) if per_text else np.empty(0, dtype=np.uint64)
-    found = np.zeros(len(wanted), dtype=bool)
-    for shard in sorted(Path(index_dir).glob("*.parquet")):
-        found |= np.isin(wanted, pq.read_table(shard).column("hash").to_numpy())
-    present = set(wanted[found].tolist())
-    return [float(np.mean([h in present for h in hs.tolist()])) if len(hs) else 0.0 for hs in per_text]

@@ -59,7 +59,8 @@ class BlockManager:
     def allocate(self, seq: Sequence) -> None:
         """Blocks for all of `seq`'s tokens, sharing cached blocks for its longest cached prefix."""
         assert not seq.block_table, "sequence already holds blocks"
-        prefix_hash, hitting = None, self.enable_prefix_caching
+        # a cached prefix is never recomputed, so it would have no logits to score the prompt with
+        prefix_hash, hitting = None, self.enable_prefix_caching and seq.params.prompt_logprobs is None
         for i in range(self.blocks_needed(seq.num_tokens)):
             tokens = seq.block_tokens(i, self.block_size)
             block_id = None

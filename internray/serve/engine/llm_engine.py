@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from internray.serve.config import EngineConfig
@@ -34,6 +35,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list[dict | None] = field(default_factory=list)  # when asked; None for the first token
 
 
 class LLMEngine:
@@ -101,6 +103,16 @@ class LLMEngine:
         if not chunks:
             return []
         logits = self.runner.execute(prepare_step(chunks, self.config.block_size))
+        row, sample_rows = 0, []
+        for chunk in chunks:  # rows in prepare_step's order
+            if chunk.prompt_logprob_rows:
+                score_prompt(chunk, logits[row:row + chunk.prompt_logprob_rows])
+                row += chunk.prompt_logprob_rows
+            if chunk.samples:
+                sample_rows.append(row)
+                row += 1
+        if row != len(sample_rows):
+            logits = logits[sample_rows]
         sampling = [c.seq for c in chunks if c.samples]
         allowed = {i: self.guides.allowed(s.matcher) for i, s in enumerate(sampling) if s.matcher is not None}
         tokens, logprobs = sample(logits, sampling, allowed)
@@ -166,11 +178,27 @@ class LLMEngine:
 
     def output(self, seq: Sequence) -> RequestOutput:
         return RequestOutput(seq.request_id, seq.text, stable_text(seq), seq.completion_token_ids, seq.is_finished,
-                             seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_tokens, seq.logprobs)
+                             seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_tokens, seq.logprobs,
+                             seq.prompt_logprobs)
 
     def shutdown(self) -> None:
         if hasattr(self.runner, "shutdown"):
             self.runner.shutdown()
+
+
+def score_prompt(chunk, logits: torch.Tensor) -> None:
+    """Log-probabilities of the prompt tokens that follow this chunk's leading positions. Entries are
+    set by position, so a preempted sequence that recomputes its prompt writes the same values."""
+    seq, begin = chunk.seq, chunk.seq.num_computed_tokens
+    logprobs = logits.log_softmax(-1)
+    targets = torch.tensor(seq.token_ids[begin + 1:begin + 1 + len(logits)])
+    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    k = seq.params.prompt_logprobs
+    top = logprobs.topk(k) if k else None
+    for i, (token, logprob) in enumerate(zip(targets.tolist(), chosen)):
+        seq.prompt_logprobs[begin + 1 + i] = {
+            "token": token, "logprob": logprob,
+            "top": [] if top is None else list(zip(top.indices[i].tolist(), top.values[i].tolist()))}
 
 
 def stable_text(seq: Sequence) -> str:

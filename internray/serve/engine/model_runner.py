@@ -47,7 +47,7 @@ class StepInput:
     input_ids: np.ndarray  # [T]
     positions: np.ndarray  # [T]
     slot_mapping: np.ndarray  # [T]
-    sample_index: np.ndarray  # [S] flat positions whose logits are wanted
+    sample_index: np.ndarray  # [S] flat positions whose logits are wanted, chunk by chunk: prompt-scoring rows, then the sampled one
     decode_index: np.ndarray  # [D]
     decode_blocks: np.ndarray  # [D, max blocks] block tables, zero-padded
     decode_lengths: np.ndarray  # [D] context lengths
@@ -75,6 +75,7 @@ def prepare_step(chunks: list[ScheduledChunk], block_size: int) -> StepInput:
         else:
             context = np.asarray(seq.block_table[:-(-(begin + n) // block_size)]) if begin else None
             prefills.append((start, n, context, begin + n))
+        sample_index.extend(range(start, start + chunk.prompt_logprob_rows))  # see LLMEngine.step
         start += n
         if chunk.samples:
             sample_index.append(start - 1)

@@ -50,6 +50,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k >= 0 = the sampled token's logprob plus the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (eval's loglikelihood)
     guide: Guide | None = None
     skip_special_tokens: bool = True  # False where special tokens carry meaning (InternLM2 tool calls)
 
@@ -66,6 +67,7 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
             (len(self.stop) <= 16 and all(self.stop), "stop", "at most 16 non-empty strings"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs", "must be in [0, 20]"),
         ]
         for ok, param, why in checks:
             if not ok:

@@ -28,6 +28,15 @@ class ScheduledChunk:
         """Whether this chunk reaches the sequence's last token, so its logits give a new token."""
         return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
 
+    @property
+    def prompt_logprob_rows(self) -> int:
+        """Leading positions of this chunk whose logits score the prompt's next token, when the
+        request asked for prompt logprobs (their logits are kept; otherwise only the last one's)."""
+        if self.seq.params.prompt_logprobs is None:
+            return 0
+        begin = self.seq.num_computed_tokens
+        return max(0, min(begin + self.num_tokens, self.seq.num_prompt_tokens - 1) - begin)
+
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):

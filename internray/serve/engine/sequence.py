@@ -37,6 +37,7 @@ class Sequence:
     finish_reason: str | None = None
     text: str = ""  # detokenized completion, cut at a stop string
     logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list[dict | None] = field(default_factory=list)  # per prompt token (None: the first)
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -46,6 +47,8 @@ class Sequence:
 
     def __post_init__(self):
         self.num_prompt_tokens = len(self.token_ids)
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * self.num_prompt_tokens
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
 

@@ -132,16 +132,46 @@ class OpenAIServing:
                 "top_logprobs": [{self._token_text(t): lp for t, lp in i["top"]} for i in infos],
                 "text_offset": offsets}
 
+    def _echo(self, prompt, ids: list[int], out: RequestOutput, logprobs: int | None) -> tuple[str, dict | None]:
+        """The prompt as `echo` returns it, and its logprobs entries (the first token has none). A
+        text prompt's tokens are located in it by the tokenizer's offsets, so `text_offset` tells a
+        client exactly which tokens cover which characters (how loglikelihood scoring finds the
+        continuation)."""
+        if isinstance(prompt, str):
+            text = prompt
+            offsets = [start for start, _ in self.tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]]
+        else:
+            text, offsets, at = self.tokenizer.decode(ids), [], 0
+            for token in ids:
+                offsets.append(at)
+                at += len(self._token_text(token))
+        if logprobs is None:
+            return text, None
+        entries = out.prompt_logprobs
+        return text, {"tokens": [self._token_text(t) for t in ids],
+                      "token_logprobs": [None if e is None else e["logprob"] for e in entries],
+                      "top_logprobs": [None if e is None else {self._token_text(t): lp for t, lp in e["top"]}
+                                       for e in entries],
+                      "text_offset": offsets}
+
     async def completions(self, request: CompletionRequest) -> AsyncIterator[dict | str]:
-        if request.echo:
-            raise OpenAIError(400, "`echo` is not supported", param="echo")
+        if request.echo and request.stream:
+            raise OpenAIError(400, "`echo` is supported without `stream` only", param="echo")
+        if request.max_tokens == 0 and not request.echo:
+            raise OpenAIError(400, "max_tokens must be >= 1 (0 only with echo, to score the prompt)", param="max_tokens")
+        texts = request.prompt if isinstance(request.prompt, list) and request.prompt and \
+            isinstance(request.prompt[0], (str, list)) else [request.prompt]
         prompts = self._prompts(request.prompt)
         guide = request.response_guide()
+        prompt_logprobs = request.logprobs if request.echo else None
         jobs = []
         for ids in prompts:
-            max_tokens = self._max_tokens(len(ids), request.max_tokens)
+            # max_tokens 0 (echo only): the one token the engine always samples is dropped below
+            max_tokens = self._max_tokens(len(ids), request.max_tokens or 1)
             for c in range(request.n):
-                jobs.append((ids, self._params(request, max_tokens, request.logprobs, c, guide)))
+                params = self._params(request, max_tokens, request.logprobs, c, guide)
+                params.prompt_logprobs = prompt_logprobs
+                jobs.append((ids, params))
         rid, created = new_id("cmpl"), now()
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
         finals: dict[int, RequestOutput] = {}
@@ -157,9 +187,23 @@ class OpenAIServing:
                 yield sse(head | {"choices": [], "usage": total})
             yield DONE
             return
-        choices = [{"index": i, "text": out.text, "finish_reason": out.finish_reason,
-                    "logprobs": self._completion_logprobs(out.logprobs, 0) if request.logprobs is not None else None}
-                   for i, out in sorted(finals.items())]
+        choices = []
+        for i, out in sorted(finals.items()):
+            text, logprobs, finish = out.text, out.logprobs, out.finish_reason
+            if request.max_tokens == 0:
+                text, logprobs, finish = "", [], "length"
+            entries = self._completion_logprobs(logprobs, 0) if request.logprobs is not None else None
+            if request.echo:
+                prompt_index = i // request.n
+                prompt_text, prompt_entries = self._echo(texts[prompt_index], prompts[prompt_index], out, request.logprobs)
+                if entries is not None:
+                    entries = {key: prompt_entries[key] + (entries[key] if key != "text_offset" else
+                                                           [len(prompt_text) + o for o in entries[key]])
+                               for key in entries}
+                text = prompt_text + text
+            choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": entries})
+        if request.max_tokens == 0:
+            total = usage(total["prompt_tokens"], 0, total.get("prompt_tokens_details", {}).get("cached_tokens", 0))
         yield head | {"choices": choices, "usage": total}
 
     def _params(self, request, max_tokens: int, logprobs: int | None, choice: int, guide=None) -> SamplingParams:

@@ -1,0 +1,1 @@
+"""Evaluation stage: benchmarks, backends, the Ray actor runner, evaluators, contamination, reports."""

@@ -1,0 +1,169 @@
+"""The model under test behind two calls: `loglikelihood` and `generate`.
+
+Both backends score a continuation the same way, so a local checkpoint and the same checkpoint
+behind an OpenAI-compatible server give the same numbers: the tokenizer encodes context +
+continuation as one string, and the continuation is every token that starts at or after the
+context's last character (found from character offsets: the tokenizer's own locally, `echo`'s
+`text_offset` from a server). Encoding the whole string once is what the model sees when it reads
+the prompt, and it needs no access to a remote model's tokenizer.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from internray.eval.config import ModelSection
+
+
+@dataclass(frozen=True)
+class Generation:
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    temperature: float = 0.0
+    n: int = 1
+    seed: int = 0
+
+
+class HFBackend:
+    """A local HF checkpoint, batched; runs inside an eval worker actor."""
+
+    def __init__(self, model: ModelSection):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = model.device if model.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device, self.batch_size = torch.device(device), model.batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(model.path_or_url)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model.path_or_url, dtype=getattr(torch, model.dtype))
+        self.model.to(self.device).eval()
+
+    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """(sum of the continuation's token logprobs, whether greedy decoding would produce it)."""
+        encoded = [self._encode(context, continuation) for context, continuation in requests]
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        order = sorted(range(len(requests)), key=lambda i: -len(encoded[i][0]))  # similar lengths together
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            width = max(len(encoded[i][0]) for i in batch)
+            ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, :len(encoded[i][0])] = torch.tensor(encoded[i][0])
+            with torch.inference_mode():  # right padding: real positions never attend to pads
+                logprobs = self.model(ids.to(self.device)).logits.float().log_softmax(-1).cpu()
+            for row, i in enumerate(batch):
+                tokens, first = encoded[i]
+                targets = torch.tensor(tokens[first:])
+                scores = logprobs[row, first - 1:len(tokens) - 1]
+                results[i] = (float(scores.gather(1, targets[:, None]).sum()), bool((scores.argmax(-1) == targets).all()))
+        return results
+
+    def _encode(self, context: str, continuation: str) -> tuple[list[int], int]:
+        """Token ids of context + continuation, and the index of the continuation's first token."""
+        enc = self.tokenizer(context + continuation, return_offsets_mapping=True)
+        first = next((t for t, (s, e) in enumerate(enc["offset_mapping"]) if s >= len(context) and e > s), None)
+        if not first:  # None, or 0: nothing before it to predict it from
+            raise ValueError(f"continuation {continuation!r} has no token of its own after the context")
+        return enc["input_ids"], first
+
+    def generate(self, prompts: list[str], gen: Generation) -> list[list[str]]:
+        outputs = []
+        self.tokenizer.padding_side = "left"
+        for start in range(0, len(prompts), self.batch_size):
+            batch = prompts[start:start + self.batch_size]
+            enc = self.tokenizer(batch, return_tensors="pt", padding=True).to(self.device)
+            torch.manual_seed(gen.seed + start)
+            with torch.inference_mode():
+                out = self.model.generate(
+                    **enc, max_new_tokens=gen.max_tokens, do_sample=gen.temperature > 0,
+                    temperature=gen.temperature or None, top_p=None, top_k=None, num_return_sequences=gen.n,
+                    pad_token_id=self.tokenizer.pad_token_id, stop_strings=list(gen.stop) or None,
+                    tokenizer=self.tokenizer)  # a batch ends when every sequence hit a stop string
+            texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            outputs.extend([cut_at_stop(t, gen.stop) for t in texts[i * gen.n:(i + 1) * gen.n]]
+                           for i in range(len(batch)))
+        return outputs
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible `/v1/completions` endpoint, with bounded concurrency, a timeout per
+    request, and retries (with backoff) on connection errors, 429 and 5xx."""
+
+    def __init__(self, model: ModelSection):
+        import requests
+
+        self.session = requests.Session()
+        self.base = model.path_or_url.rstrip("/").removesuffix("/v1")
+        self.timeout, self.retries = model.timeout_s, model.max_retries
+        key = os.environ.get(model.api_key_env)
+        if key:
+            self.session.headers["Authorization"] = f"Bearer {key}"
+        self.name = model.name or self._get("/v1/models")["data"][0]["id"]
+        self.pool = ThreadPoolExecutor(model.max_concurrency)
+
+    def _get(self, path: str) -> dict:
+        return self.request("GET", path, None)
+
+    def request(self, method: str, path: str, body: dict | None) -> dict:
+        """One API call, retried on connection errors, 429 and 5xx; the parsed JSON reply."""
+        import requests
+
+        for attempt in range(self.retries + 1):
+            try:
+                r = self.session.request(method, self.base + path, json=body, timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as err:
+                problem = f"{type(err).__name__}: {err}"
+            else:
+                if r.status_code < 400:
+                    return r.json()
+                problem = f"HTTP {r.status_code}: {r.text[:300]}"
+                if r.status_code != 429 and r.status_code < 500:
+                    break  # our request is wrong: retrying cannot help
+            if attempt < self.retries:
+                time.sleep(min(2 ** attempt, 30))
+        raise RuntimeError(f"{self.base}{path}: {problem}")
+
+    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        return list(self.pool.map(lambda r: self._loglikelihood(*r), requests))
+
+    def _loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
+        # lm-eval's request: echo the prompt with its logprobs. One token is generated because not
+        # every server accepts max_tokens=0; it lies past usage.prompt_tokens and is ignored.
+        body = {"model": self.name, "prompt": context + continuation, "max_tokens": 1, "temperature": 0,
+                "echo": True, "logprobs": 1}
+        reply = self.request("POST", "/v1/completions", body)
+        lp = reply["choices"][0]["logprobs"]
+        n = reply["usage"]["prompt_tokens"]
+        picked = [i for i in range(1, n) if lp["text_offset"][i] >= len(context)]
+        if not picked:
+            raise ValueError(f"continuation {continuation!r} has no token of its own after the context")
+        greedy = all(max(lp["top_logprobs"][i], key=lp["top_logprobs"][i].get) == lp["tokens"][i] for i in picked)
+        return sum(lp["token_logprobs"][i] for i in picked), greedy
+
+    def generate(self, prompts: list[str], gen: Generation) -> list[list[str]]:
+        def one(prompt: str) -> list[str]:
+            body = {"model": self.name, "prompt": prompt, "max_tokens": gen.max_tokens, "temperature": gen.temperature,
+                    "n": gen.n, "seed": gen.seed}
+            if gen.stop:
+                body["stop"] = list(gen.stop)[:4]  # OpenAI's limit; the rest are applied here
+            choices = sorted(self.request("POST", "/v1/completions", body)["choices"], key=lambda c: c["index"])
+            return [cut_at_stop(c["text"], gen.stop) for c in choices]
+        return list(self.pool.map(one, prompts))
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    cuts = [text.find(s) for s in stop if s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+def make_backend(model: ModelSection):
+    if model.kind == "openai":
+        return OpenAIBackend(model)
+    if not Path(model.path_or_url, "config.json").is_file():
+        raise FileNotFoundError(f"model {model.path_or_url}: not an HF checkpoint directory (no config.json)")
+    return HFBackend(model)

@@ -36,8 +36,9 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def eval_config(tmp_path: Path, model: str | dict, datasets: list[str], **extra) -> EvalConfig:
-    data = {"model": model if isinstance(model, dict) else {"path_or_url": model}, "datasets": datasets, "run": {"root": str(tmp_path / "runs")},
-            "num_workers": 2, "cpus_per_worker": 0.5, "shard_size": 4} | extra
+    data = {"model": model if isinstance(model, dict) else {"path_or_url": model}, "datasets": datasets,
+            "run": {"root": str(tmp_path / "runs")}, "num_workers": 2, "cpus_per_worker": 0.5, "shard_size": 4} | extra
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "eval.yaml"
     path.write_text(yaml.safe_dump(data))
     return load_config(EvalConfig, path)
@@ -207,13 +208,13 @@ def test_a_crashing_task_is_retried_and_one_that_keeps_failing_is_reported(tmp_p
 
 def test_needle_items_hold_the_needle_at_each_depth_within_the_context_length(tiny_llama_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    items = make_needle_items([300, 600], [0.0, 0.5, 1.0], tokenizer)
-    assert [i["cell"] for i in items] == ["300@0", "300@0.5", "300@1", "600@0", "600@0.5", "600@1"]
+    items = make_needle_items([800, 1600], [0.0, 0.5, 1.0], tokenizer)
+    assert [i["cell"] for i in items] == ["800@0", "800@0.5", "800@1", "1600@0", "1600@0.5", "1600@1"]
     for item in items:
         assert len(tokenizer(item["prompt"])["input_ids"]) <= item["context_length"] + 8
         context = item["prompt"][:item["prompt"].index("\n\nQuestion:")]
         at = context.index(NEEDLE) / max(len(context) - len(NEEDLE), 1)
-        assert abs(at - item["depth"]) < 0.15
+        assert abs(at - item["depth"]) < 0.1  # moved back to a sentence or line end
 
 
 def test_needle_run_scores_each_cell_and_draws_the_heatmap(tmp_path):
@@ -253,8 +254,8 @@ def test_judge_scores_single_answers_and_pairs_in_both_orders(tmp_path):
         assert judge.pairwise("q", "a good answer", "a poor answer")["score"] == 1.0
         assert judge.pairwise("q", "a poor answer", "a good answer")["score"] == 0.0
         # both good: the judge picks slot A each time, i.e. flips with the order -> a tie, not a win
-        assert judge.pairwise("q", "good one", "good two") == pytest.approx(
-            {"verdicts": ["A", "A"], "score": 0.5, "judgment": "[[A]]\n---\n[[A]]"})
+        assert judge.pairwise("q", "good one", "good two") == {
+            "verdicts": ["A", "A"], "score": 0.5, "judgment": "[[A]]\n---\n[[A]]"}
     finally:
         server.server.shutdown()
 

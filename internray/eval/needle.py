@@ -30,11 +30,10 @@ def haystack() -> str:
 
 
 def place_needle(text: str, depth: float) -> str:
-    """Insert the needle at `depth` of `text`, moved back to the end of the sentence before."""
+    """Insert the needle at `depth` of `text`, moved back to the end of the sentence or line before."""
     at = int(len(text) * depth)
     if 0 < at < len(text):
-        boundary = text.rfind(". ", 0, at)
-        at = boundary + 2 if boundary >= 0 else 0
+        at = max(text.rfind(". ", 0, at) + 2, text.rfind("\n", 0, at) + 1, 0)
     return text[:at] + (" " if at and not text[at - 1].isspace() else "") + NEEDLE + " " + text[at:]
 
 

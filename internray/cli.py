@@ -121,7 +121,9 @@ def eval_command(args) -> int:
     from internray.eval.config import EvalConfig
     from internray.eval.runner import run_eval
 
-    overrides = list(args.overrides)
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path and "=" in config_path and not Path(config_path).is_file():  # no config file, only overrides
+        config_path, overrides = None, [config_path, *overrides]
     flags = {"model.path_or_url": args.model, "num_workers": args.num_workers, "limit": args.limit,
              "model.backend": args.backend, "run.root": args.root}
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
@@ -129,7 +131,7 @@ def eval_command(args) -> int:
         overrides.append(f"datasets={json.dumps(args.datasets.split(','))}")
     if args.resume:
         overrides.append(f"run.resume={args.resume}")
-    config = load_config(EvalConfig, args.config, overrides)
+    config = load_config(EvalConfig, config_path, overrides)
     _connect(args.address)
     run_eval(config)
     return 0

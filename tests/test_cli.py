@@ -12,7 +12,7 @@ def run(*args, **kw):
 
 def test_help_lists_every_stage_and_tool():
     out = run("--help").stdout
-    for command in ("data", "pretrain", "finetune", "chat", "demo", "doctor"):
+    for command in ("data", "pretrain", "finetune", "serve", "eval", "leaderboard", "chat", "demo", "doctor"):
         assert command in out
 
 
@@ -35,6 +35,13 @@ def test_a_bad_config_fails_in_one_line_before_ray_starts(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0
     assert "sources.0.path" in done.stderr and "/nonexistent/corpus.jsonl" in done.stderr
+    assert "ray at" not in done.stdout
+
+
+def test_eval_flags_and_overrides_are_validated_before_ray_starts():
+    done = run("eval", "--model", "/some/checkpoint", "--datasets", "mmlu", "shard_sise=8")
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
+    assert "shard_sise" in done.stderr and "shard_size" in done.stderr  # names the key it probably meant
     assert "ray at" not in done.stdout
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -283,6 +284,39 @@ def test_contamination_finds_benchmark_items_planted_in_a_processed_corpus(tmp_p
     flags = contamination_flags(data_run.dir, items, threshold=0.5)
     assert {i for i, (_, dirty) in enumerate(flags) if dirty} == planted
     assert all(overlap < 0.5 for i, (overlap, _) in enumerate(flags) if i not in planted)
+
+
+def test_the_order_test_tells_a_model_that_memorized_the_option_order_from_one_that_did_not(tmp_path):
+    spec = BenchmarkSpec(**BUILTIN["mmlu"])
+    published = {spec.template.format(**item) for item in load_items(spec)[:20]}
+
+    def model(memorized: bool):
+        def respond(path, body):  # TEST DOUBLE: scores texts; `memorized` prefers the published ones
+            prompt = body["prompt"]
+            if re.search(r"Answer: [ABCD]$", prompt):  # the benchmark's own label requests
+                cut, logprob = prompt.rindex(" "), -1.0
+            else:  # the order test's: preamble, then the question with its options in some order
+                cut = prompt.index("\n\n") + 2
+                logprob = -1.0 if memorized and prompt[cut:] in published else -5.0
+            return 200, {"choices": [{"index": 0, "text": prompt, "logprobs": {
+                "tokens": [prompt[:cut], prompt[cut:]], "token_logprobs": [None, logprob],
+                "top_logprobs": [None, {prompt[cut:]: logprob}], "text_offset": [0, cut]}}],
+                "usage": {"prompt_tokens": 2}}
+        return FakeOpenAIServer(respond)
+
+    rates = {}
+    for memorized in (True, False):
+        server = model(memorized)
+        try:
+            config = eval_config(tmp_path / str(memorized), {"path_or_url": server.url, "name": "fake"}, ["mmlu"],
+                                 limit=20, contamination={"order_test": True, "permutations": 3})
+            run = run_eval(config)
+        finally:
+            server.server.shutdown()
+        rates[memorized] = results(run)["datasets"]["mmlu"]["contamination"]["order_test"]
+    assert rates[True]["rate"] == 1.0 and rates[True]["p_value"] < 1e-6
+    assert rates[False]["rate"] < 0.5 and rates[False]["p_value"] > 0.05
+    assert rates[True]["chance_rate"] == pytest.approx(0.25)
 
 
 def stdlib_paragraphs(n: int) -> list[str]:

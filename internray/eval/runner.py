@@ -31,7 +31,7 @@ from internray.eval.benchmarks import (
     select,
 )
 from internray.eval.config import EvalConfig, ModelSection
-from internray.eval.contamination import contamination_flags
+from internray.eval.contamination import contamination_flags, order_test, order_variants
 from internray.eval.judge import Judge
 from internray.eval.needle import cell_scores, needle_spec, write_items
 from internray.eval.needle import make_items as make_needle_items
@@ -76,6 +76,9 @@ class EvalWorker:
             k = len(continuations)
             return [{"id": r["id"], "loglikelihoods": [s for s, _ in scores[i * k:(i + 1) * k]],
                      "greedy": [g for _, g in scores[i * k:(i + 1) * k]]} for i, r in enumerate(requests)]
+        if task["kind"] == "texts":  # the order test: each request scores its own (context, text) pairs
+            scores = iter(self.backend.loglikelihood([tuple(p) for r in requests for p in r["pairs"]]))
+            return [{"id": r["id"], "loglikelihoods": [next(scores)[0] for _ in r["pairs"]]} for r in requests]
         completions = self.backend.generate([r["prompt"] for r in requests], Generation(**task["generation"]))
         return [{"id": r["id"], "prompt": r["prompt"], "completions": c} for r, c in zip(requests, completions, strict=True)]
 
@@ -93,6 +96,9 @@ def run_eval(config: EvalConfig) -> Run:
         model_dir = Path(config.model.path_or_url)
         run.add_input(model_dir, role="model", files=sorted(model_dir.glob("*.json")))
     tasks = [task for spec, items, prompter in benchmarks.values() for task in make_tasks(spec, items, prompter, config)]
+    if config.contamination.order_test:
+        tasks += [task for spec, items, prompter in benchmarks.values() if spec.choice_fields
+                  for task in order_tasks(spec, items, prompter, config)]
     pending = [t for t in tasks if not prediction_file(run, t).exists()]
     log(run, f"{len(tasks)} tasks over {len(benchmarks)} benchmarks; {len(tasks) - len(pending)} cached, "
              f"{len(pending)} to run on {min(config.num_workers, len(pending))} workers")
@@ -154,6 +160,20 @@ def make_tasks(spec: BenchmarkSpec, items: list[dict], prompter: Prompter, confi
     for shard, start in enumerate(range(0, len(items), config.shard_size)):
         requests = [{"id": item["id"], "prompt": prompter.prompt(item)} for item in items[start:start + config.shard_size]]
         tasks.append(Task(spec.name, shard, base | {"requests": requests}))
+    return tasks
+
+
+def order_tasks(spec: BenchmarkSpec, items: list[dict], prompter: Prompter, config: EvalConfig) -> list[Task]:
+    """The order test's loglikelihoods as tasks of their own (`<dataset>.order`): cached and retried
+    like the rest. Each text is scored after the preamble, the same context for every ordering."""
+    tasks = []
+    for shard, start in enumerate(range(0, len(items), config.shard_size)):
+        requests = []
+        for item in items[start:start + config.shard_size]:
+            context = spec.preamble.format(**item) or f"{spec.name}:\n"
+            texts = order_variants(spec, item, config.contamination.permutations, config.seed)
+            requests.append({"id": item["id"], "pairs": [[context, text] for text in texts]})
+        tasks.append(Task(f"{spec.name}.order", shard, {"kind": "texts", "requests": requests}))
     return tasks
 
 
@@ -267,6 +287,15 @@ def score_dataset(run: Run, spec: BenchmarkSpec, items: list[dict], config: Eval
             "contaminated_items": len(dirty),
             "score_contaminated": mean(float(r[value_key]) for r in dirty) if dirty else None,
             "score_clean": mean(float(r[value_key]) for r in clean) if clean else None}
+    order_dir = run.path("predictions", f"{spec.name}.order")
+    if config.contamination.order_test and order_dir.exists():
+        wanted = {item["id"] for item in scored_items}
+        lls = [r["loglikelihoods"] for path in sorted(order_dir.glob("*.jsonl"))
+               for r in map(json.loads, path.read_text().splitlines()) if r["id"] in wanted]
+        summary["contamination"] = (summary["contamination"] or {"method": "option-order test"}) | {
+            "order_test": order_test(lls)}
+        if flags is None:  # the order test alone: its rate is the headline
+            summary["contamination"]["rate"] = summary["contamination"]["order_test"]["rate"]
     return summary
 
 

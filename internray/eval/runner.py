@@ -327,7 +327,11 @@ def mean(values) -> float:
 
 
 def model_name(model: ModelSection) -> str:
-    return Path(model.path_or_url).name if model.kind == "hf" else model.path_or_url
+    """A checkpoint's directory name; a run's export (`<run>/hf`) is named after its run."""
+    if model.kind != "hf":
+        return model.path_or_url
+    path = Path(model.path_or_url)
+    return path.parent.name if path.name == "hf" else path.name
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:

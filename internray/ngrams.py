@@ -9,12 +9,28 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
 _TOKENS = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+
+
+def record_text(record: Any) -> str:
+    """All the strings of a benchmark record, in order (question, choices, answer): the text its
+    n-grams are taken from, by the data stage's decontamination and eval's contamination check alike."""
+    def strings(value: Any) -> Iterator[str]:
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
+    return " ".join(strings(record))
 
 
 def ngram_hashes(text: str, n: int) -> np.ndarray:

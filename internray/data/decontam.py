@@ -14,13 +14,13 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from internray.ngrams import ngram_hashes
+from internray.ngrams import ngram_hashes, record_text
 
 
 def benchmark_items(path: Path) -> Iterator[str]:
@@ -29,18 +29,7 @@ def benchmark_items(path: Path) -> Iterator[str]:
     with opener(path, "rt", encoding="utf-8") as f:
         for line in f:
             if line.strip():
-                yield " ".join(_strings(json.loads(line)))
-
-
-def _strings(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
+                yield record_text(json.loads(line))
 
 
 def build_benchmark_index(benchmarks: list[Path], n: int, out: Path) -> dict[str, int]:

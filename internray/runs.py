@@ -186,3 +186,20 @@ def code_version() -> str:
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """Atomically: a crash mid-write never leaves a half file that a resume would trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Atomically, like `write_jsonl`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+    return path

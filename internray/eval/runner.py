@@ -12,7 +12,6 @@ rerun on the same model reproduces the scores item by item.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -37,9 +36,9 @@ from internray.eval.judge import Judge
 from internray.eval.needle import cell_scores, needle_spec, write_items
 from internray.eval.needle import make_items as make_needle_items
 from internray.eval.report import needle_heatmap, write_report
-from internray.eval.sandbox import SandboxLimits
 from internray.eval.scoring import score_choice, score_code, score_generate
-from internray.runs import Run, open_run
+from internray.runs import Run, open_run, write_jsonl
+from internray.sandbox import SandboxLimits
 
 
 @dataclass
@@ -346,14 +345,6 @@ def read_predictions(directory: Path) -> dict[str, dict]:
     """Every cached prediction of one dataset (all its task files), by item id."""
     return {record["id"]: record for path in sorted(directory.glob("*.jsonl"))
             for record in map(json.loads, path.read_text().splitlines())}
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    """Atomically: a crash mid-write never leaves a half file that a resume would trust."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    os.replace(tmp, path)
 
 
 def report_metrics(run: Run, results: dict) -> None:

@@ -11,7 +11,7 @@ import re
 import ray
 
 from internray.eval.benchmarks import BenchmarkSpec, gold_index
-from internray.eval.sandbox import SandboxLimits, check_program
+from internray.sandbox import SandboxLimits, check_program
 
 
 def score_choice(spec: BenchmarkSpec, item: dict, prediction: dict) -> dict:

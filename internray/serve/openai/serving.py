@@ -13,7 +13,8 @@ from typing import AsyncIterator
 from internray.serve.engine.async_engine import AsyncLLMEngine
 from internray.serve.engine.llm_engine import RequestOutput
 from internray.serve.engine.sampling_params import InvalidRequest, SamplingParams
-from internray.serve.openai.chat import parse_tool_calls, render_prompt, tool_format, tool_guide
+from internray.models.chat_format import parse_tool_calls, tool_format
+from internray.serve.openai.chat import render_prompt, tool_guide
 from internray.serve.openai.protocol import (
     ChatCompletionRequest, CompletionRequest, OpenAIError, new_id, now, usage,
 )

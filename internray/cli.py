@@ -123,15 +123,9 @@ def eval_command(args) -> int:
     from internray.eval.config import EvalConfig
     from internray.eval.runner import run_eval
 
-    config_path, overrides = _config_and_overrides(args)
-    flags = {"model.path_or_url": args.model, "num_workers": args.num_workers, "limit": args.limit,
-             "model.backend": args.backend, "run.root": args.root}
-    overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
-    if args.datasets:
-        overrides.append(f"datasets={json.dumps(args.datasets.split(','))}")
-    if args.resume:
-        overrides.append(f"run.resume={args.resume}")
-    config = load_config(EvalConfig, config_path, overrides)
+    config = _load_with_flags(EvalConfig, args, {
+        "model.path_or_url": args.model, "num_workers": args.num_workers, "limit": args.limit,
+        "model.backend": args.backend, "run.root": args.root, "run.resume": args.resume}, {"datasets": args.datasets})
     _connect(args.address)
     run_eval(config)
     return 0
@@ -141,13 +135,9 @@ def agent_command(args) -> int:
     """One task (`--task`, answer and trace printed) or a batch (`tasks` in the config or `--tasks`)."""
     from internray.agent.config import AgentConfig
 
-    config_path, overrides = _config_and_overrides(args)
-    flags = {"llm.path_or_url": args.model, "agent.kind": args.kind, "agent.max_steps": args.max_steps,
-             "tasks": args.tasks, "run.root": args.root}
-    overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
-    if args.tools:
-        overrides.append(f"tools.enabled={json.dumps(args.tools.split(','))}")
-    config = load_config(AgentConfig, config_path, overrides)
+    config = _load_with_flags(AgentConfig, args, {
+        "llm.path_or_url": args.model, "agent.kind": args.kind, "agent.max_steps": args.max_steps,
+        "tasks": args.tasks, "run.root": args.root}, {"tools.enabled": args.tools})
     if args.task is None and config.tasks is None:
         raise ConfigError("agent: give --task TEXT, or a tasks JSONL (`tasks` in the config, or --tasks)")
     _connect(args.address)
@@ -175,12 +165,16 @@ def agent_command(args) -> int:
     return 0 if trace.status == "answered" else 1
 
 
-def _config_and_overrides(args) -> tuple[str | None, list[str]]:
-    """A first positional with `=` that is not a file is an override: the config file is optional."""
+def _load_with_flags(cls, args, flags: dict, list_flags: dict):
+    """An optional config file, its dotted overrides, then the flags given (as overrides too;
+    `list_flags` are comma-separated lists). A first positional with `=` that is not a file is an
+    override, so the config file is optional."""
     config_path, overrides = args.config, list(args.overrides)
     if config_path and "=" in config_path and not Path(config_path).is_file():
         config_path, overrides = None, [config_path, *overrides]
-    return config_path, overrides
+    overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
+    overrides += [f"{key}={json.dumps(value.split(','))}" for key, value in list_flags.items() if value]
+    return load_config(cls, config_path, overrides)
 
 
 def doctor(address: str | None) -> int:

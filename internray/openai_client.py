@@ -10,6 +10,13 @@ import os
 import time
 
 
+def resolve_backend(backend: str, path_or_url: str) -> str:
+    """`auto` -> `openai` for an http(s) URL, else `hf` (a checkpoint directory)."""
+    if backend != "auto":
+        return backend
+    return "openai" if path_or_url.startswith(("http://", "https://")) else "hf"
+
+
 class OpenAIClient:
     """Calls with a timeout each, retried with backoff on connection errors, 429 and 5xx."""
 

@@ -185,3 +185,22 @@ class _NoTools:
 
     def close_session(self, session_id):
         pass
+
+
+def test_a_killed_tool_worker_is_reported_restarted_and_serves_again(ray_cluster):
+    import threading
+
+    import ray
+
+    from internray.agent.executor import ToolExecutor
+
+    pool = ToolExecutor(ToolsSection(enabled=["calculator", "tests.test_agent:slow_echo"]),
+                        ExecutorSection(num_workers=1, cpus_per_worker=0, call_timeout_s=60))
+    try:
+        assert pool.call("s", "calculator", {"expression": "1+1"}).content == "2"
+        threading.Timer(1.0, lambda: ray.kill(pool.worker("s"), no_restart=False)).start()
+        died = pool.call("s", "slow_echo", {"text": "never", "seconds": 30})
+        assert not died.ok and "worker died" in died.content and "state is lost" in died.content
+        assert pool.call("s", "calculator", {"expression": "2+2"}).content == "4"  # restarted, serving
+    finally:
+        pool.shutdown()

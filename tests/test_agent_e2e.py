@@ -69,3 +69,16 @@ def test_batch_mode_writes_traces_and_a_summary_skips_bad_lines_and_resumes(smol
     again = run_agent(config)
     assert again.dir == run.dir and run.path("traces", "pow.json").is_file()
     assert run.path("traces", "mul.json").stat().st_mtime_ns == kept
+
+
+def test_the_local_hf_client_and_the_served_client_give_the_same_greedy_reply(smollm2_server, smollm2_dir):
+    from internray.agent.config import LLMSection
+    from internray.agent.llm import HFChat, OpenAIChat
+
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Name three colors of the rainbow."}]
+    local = HFChat(LLMSection(path_or_url=str(smollm2_dir), max_tokens=24)).chat(messages)
+    served = OpenAIChat(LLMSection(path_or_url=smollm2_server.url, name=smollm2_server.model, max_tokens=24))
+    remote = served.chat(messages)
+    assert local.content and local.content == remote.content
+    assert local.prompt_tokens == remote.prompt_tokens and local.completion_tokens == remote.completion_tokens

@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from internray.config import ExistingPath, Section
+from internray.openai_client import resolve_backend
 from internray.runs import RunSection
 
 BUILTIN_TOOLS = ("calculator", "python", "data_analysis", "search", "http_get")
@@ -27,9 +28,7 @@ class LLMSection(Section):
 
     @property
     def kind(self) -> str:
-        if self.backend != "auto":
-            return self.backend
-        return "openai" if self.path_or_url.startswith(("http://", "https://")) else "hf"
+        return resolve_backend(self.backend, self.path_or_url)
 
 
 class AgentSection(Section):

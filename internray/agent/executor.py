@@ -14,6 +14,7 @@ import json
 import shutil
 import tempfile
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -106,12 +107,13 @@ class ToolExecutor:
         """Run calls of one session concurrently; results in the calls' order."""
         pending: dict[int, ray.ObjectRef] = {}
         results: dict[int, ToolResult] = {}
+        worker = self.worker(session_id)
         for i, (name, arguments) in enumerate(calls):
             parsed = _parse_arguments(arguments)
             if isinstance(parsed, str):
                 results[i] = ToolResult(name, False, parsed)
             else:
-                pending[i] = self.worker(session_id).call.remote(session_id, name, parsed)
+                pending[i] = worker.call.remote(session_id, name, parsed)
         ready = []
         if pending:
             ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=self.timeout_s)
@@ -123,9 +125,25 @@ class ToolExecutor:
             try:
                 results[i] = ToolResult.from_dict(ray.get(ref))
             except ray.exceptions.RayActorError as err:
+                # Died or unavailable (restarting): the call may or may not have run, so it is not
+                # sent again (tools are not idempotent); the model is told, and may retry.
+                self._wait_until_back(worker)
                 results[i] = ToolResult(name, False, "the tool worker died during the call and was restarted; "
-                                                     f"this conversation's tool state is lost ({type(err).__name__})")
+                                                     "the call may not have completed and this conversation's "
+                                                     f"tool state is lost ({type(err).__name__})")
         return [results[i] for i in range(len(calls))]
+
+    def _wait_until_back(self, worker) -> None:
+        """Block (up to the call timeout) until a restarted worker answers, so the next call works."""
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get(worker.open_sessions.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                return
+            except ray.exceptions.ActorUnavailableError:
+                time.sleep(0.5)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return
 
     def add_files(self, session_id: str, files: dict[str, bytes]) -> list[str]:
         too_big = [n for n, data in files.items() if len(data) > _MAX_FILE_BYTES]

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from internray.config import Section
+from internray.openai_client import resolve_backend
 from internray.runs import RunSection
 
 
@@ -28,9 +29,7 @@ class ModelSection(Section):
 
     @property
     def kind(self) -> str:
-        if self.backend != "auto":
-            return self.backend
-        return "openai" if self.path_or_url.startswith(("http://", "https://")) else "hf"
+        return resolve_backend(self.backend, self.path_or_url)
 
 
 class ContaminationSection(Section):

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             return eval_command(args)
         if args.command == "agent":
             return agent_command(args)
+        if args.command == "quantize":
+            return quantize_command(args)
         if args.command == "leaderboard":
             from internray.eval.report import leaderboard
 
@@ -165,6 +167,19 @@ def agent_command(args) -> int:
     return 0 if trace.status == "answered" else 1
 
 
+def quantize_command(args) -> int:
+    """`internray quantize MODEL_DIR --method awq-int4 --calib runs/data-...`, like `lmdeploy lite auto_awq`."""
+    from internray.quant.config import QuantConfig
+    from internray.quant.quantize import run_quantize
+
+    overrides = [f"model={args.model_dir}", f"method={args.method}", *args.overrides]
+    flags = {"calibration.data": args.calib, "group_size": args.group_size, "out": args.out, "run.root": args.root}
+    overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
+    config = load_config(QuantConfig, args.config, overrides)
+    run_quantize(config)
+    return 0
+
+
 def _load_with_flags(cls, args, flags: dict, list_flags: dict):
     """An optional config file, its dotted overrides, then the flags given (as overrides too;
     `list_flags` are comma-separated lists). A first positional with `=` that is not a file is an
@@ -279,6 +294,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--root", help="where runs and traces are written (default: ./runs)")
     p.add_argument("--address")
+    p = sub.add_parser("quantize", help="int8 or AWQ int4 weight quantization of a checkpoint, for the serve engine")
+    p.add_argument("model_dir", help="a dense HF checkpoint directory")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. calibration.samples=64 grid=10")
+    p.add_argument("--method", choices=["int8", "awq-int4"], required=True)
+    p.add_argument("--calib", help="awq-int4 calibration text: a data-stage run, or Parquet/JSONL with `text` "
+                                   "(default: the Python standard library's sources)")
+    p.add_argument("--group-size", type=int, help="awq-int4: input channels per scale (default 128)")
+    p.add_argument("--out", help="output directory (default: the run directory's hf/)")
+    p.add_argument("--config", help="a QuantConfig YAML; the flags override it")
+    p.add_argument("--root", help="where the run is written (default: ./runs)")
     p = sub.add_parser("leaderboard", help="one table of the latest scores of every model across eval runs")
     p.add_argument("root", nargs="?", default="runs", help="the runs root (default: ./runs)")
     p = sub.add_parser("demo", help="run every stage end to end on real offline material")

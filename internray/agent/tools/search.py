@@ -1,14 +1,13 @@
 """Search a corpus the data stage produced, with BM25, so an agent can look things up offline.
 
-The corpus is a data-stage run (its `documents` output: the cleaned, deduplicated text), or any
-Parquet file/directory or JSONL with a `text` column. The index is built once per tool worker
+The corpus is what `internray.corpus.load_documents` reads: a data-stage run (its `documents`
+output: the cleaned, deduplicated text), or any Parquet file/directory or JSONL with `text`. The index is built once per tool worker
 and kept in memory: fine for the millions of documents one machine holds, not for a web-scale
 corpus (serve that from a search engine behind the HTTP API tool). Words are lowercased ASCII
 runs; CJK text, which has no spaces, is indexed by character bigrams.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter, defaultdict
@@ -19,7 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from internray.agent.tools.base import Tool, ToolContext, ToolError
-from internray.runs import find_run_dir, read_manifest
+from internray.corpus import load_documents
 
 _WORD = re.compile(r"[a-z0-9]+|[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]+")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
@@ -33,27 +32,6 @@ def terms(text: str) -> list[str]:
         else:
             out.append(run)
     return out
-
-
-def load_documents(corpus: Path) -> list[dict]:
-    """[{id, text, source}] from a data run, a Parquet file/directory or a JSONL file."""
-    import pyarrow.dataset as ds
-
-    run_dir = find_run_dir(corpus) if corpus.is_dir() else None
-    if run_dir is not None and run_dir == corpus:
-        outputs = read_manifest(run_dir).get("outputs", {})
-        if "documents" not in outputs:
-            raise ToolError(f"corpus {corpus}: this run has no `documents` output (is it a data-stage run?)")
-        corpus = Path(outputs["documents"])
-    if corpus.suffix == ".jsonl":
-        rows = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        table = ds.dataset(str(corpus), format="parquet").to_table()
-        if "drop" in table.column_names:
-            table = table.filter(table["drop"].is_null())
-        rows = table.select([c for c in ("id", "text", "source") if c in table.column_names]).to_pylist()
-    return [{"id": str(r.get("id", i)), "text": r["text"], "source": r.get("source")} for i, r in enumerate(rows)
-            if isinstance(r.get("text"), str)]
 
 
 class BM25Index:
@@ -96,7 +74,10 @@ class CorpusSearch(Tool):
 
     def _ensure_index(self) -> None:
         if self.index is None:  # built on first use: a worker that never searches never pays
-            self.documents = load_documents(self.corpus)
+            try:
+                self.documents = load_documents(self.corpus)
+            except ValueError as err:
+                raise ToolError(str(err)) from None
             self.index = BM25Index([d["text"] for d in self.documents])
 
     def run(self, context: ToolContext, query: Annotated[str, Field(max_length=200)]) -> str:

@@ -37,11 +37,15 @@ class Linear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.tp_dim = None
         self.packed: torch.Tensor | None = None
+        self.quantized = None
+        """A `QuantizedMatmul` when the checkpoint holds this weight as integer codes (quantization.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quantized is not None:
+            return self.quantized(x, bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
         return F.linear(x, self.weight, bias)
@@ -87,9 +91,9 @@ class RowParallelLinear(Linear):
 
 
 def pack_linears_for_cpu(model: nn.Module, batch_hint: int) -> None:
-    """Reorder every linear's weight for oneDNN (see `Linear`); weights another module also holds
-    (tied embeddings) keep their dense copy."""
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    """Reorder every dense linear's weight for oneDNN (see `Linear`); weights another module also
+    holds (tied embeddings) keep their dense copy. Quantized linears have kernels of their own."""
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m.quantized is None]
     owners: dict[int, int] = {}
     for module in model.modules():
         for param in module.parameters(recurse=False):

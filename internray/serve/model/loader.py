@@ -7,8 +7,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
+from internray.models.quantized import quantization_config
 from internray.serve.model.layers import TPInfo
 from internray.serve.model.llama import FUSED, LlamaForCausalLM
+from internray.serve.model.quantization import prepare_quantized_linears, quantize_structure
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -26,9 +28,13 @@ def load_model(model_dir: str | Path, tp: TPInfo, dtype: torch.dtype, device: to
     if not files:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors files (export or import the checkpoint first)")
     model = LlamaForCausalLM(AutoConfig.from_pretrained(model_dir), tp)
+    qconfig = quantization_config(model.config)
+    if qconfig is not None:
+        quantize_structure(model, qconfig)
     params = dict(model.named_parameters(remove_duplicate=False))
-    for param in params.values():
-        param.data = torch.empty(param.shape, dtype=dtype, device=device)
+    for param in params.values():  # integer codes of a quantized checkpoint keep their type
+        param.data = torch.empty(param.shape, dtype=dtype if param.is_floating_point() else param.dtype,
+                                 device=device)
     loaded = set()
     for file in files:
         with safe_open(file, framework="pt") as f:
@@ -62,7 +68,10 @@ def load_model(model_dir: str | Path, tp: TPInfo, dtype: torch.dtype, device: to
     missing = sorted(f"{n}[{i}]" if i is not None else n for n, i in expected - loaded)
     if missing:
         raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if qconfig is not None:
+        prepare_quantized_linears(model, dtype)
+    return model
 
 
 def fused_name(name: str) -> tuple[str, int | None]:

@@ -1,0 +1,7 @@
+"""The quantization stage: dense checkpoint -> int8 or AWQ-int4 checkpoint the serve engine loads.
+
+    config.py    QuantConfig: model, method, group size, calibration data
+    awq.py       activation statistics on calibration text, the per-group scale search, folding
+    quantize.py  run_quantize: calibrate, scale, quantize, write the checkpoint and its manifest
+The checkpoint format itself is shared with the engine: internray/models/quantized.py.
+"""

@@ -7,8 +7,8 @@ engine itself (`LLM`, in process, 2 threads):
   (calibration uses the top-level stdlib modules, so none of this text), scored with the engine's
   prompt logprobs, --ppl-tokens tokens per file;
 - decode tokens/s at batch 1 (one sequence, --tokens new tokens) and at batch --batch;
-- bytes held by the linears' weights in the engine (int4: codes packed two per byte) and the
-  process's resident memory after loading.
+- bytes held by the decoder linears' weights in the engine (int4: codes packed two per byte, with
+  their scales and zeros); the embedding and LM head are not quantized and not counted.
 Variants: dense fp32 (the engine's CPU default), dense bf16 (the usual serving baseline, which the
 ratios are against), int8 (per-channel, weight-only) and AWQ-int4 (group --group-size), both
 produced by `run_quantize` in this run.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import sys
 import tempfile
 import time
@@ -60,7 +59,6 @@ def measure(path: Path, dtype: str, args) -> dict:
     from internray.serve.engine.sampling_params import SamplingParams
 
     torch.set_num_threads(2)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     llm = LLM(EngineConfig(model=str(path), kv_cache_gib=0.25, dtype=dtype, max_num_seqs=max(args.batch, 8)),
               verbose=False)
     tokenizer = llm.engine.tokenizer
@@ -79,8 +77,7 @@ def measure(path: Path, dtype: str, args) -> dict:
     llm.generate(prompts, decode)
     batched = args.batch * args.tokens / (time.perf_counter() - start)
     return {"perplexity": math.exp(nll / count), "scored_tokens": count, "decode_tok_s_batch1": single,
-            "decode_tok_s_batched": batched, "linear_weight_mib": linear_weight_bytes(llm) / 2**20,
-            "max_rss_growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024}
+            "decode_tok_s_batched": batched, "linear_weight_mib": linear_weight_bytes(llm) / 2**20}
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 caching, preemption and sampling must not change what the model says."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -224,3 +226,36 @@ def test_other_llama_family_checkpoints_match_hf(tmp_path, tiny_llama_dir, promp
             expected = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
                                       eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
         assert llm.generate([ids], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0].token_ids == expected
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 80},
+], ids=lambda rope: rope["rope_type"])
+def test_scaled_rope_matches_hf_up_to_the_scaled_limit_and_refuses_beyond_it(tiny_llama_dir, tmp_path, rope):
+    """Long context as the checkpoint declares it: RoPE scaling comes from the config (positions
+    past the original 80 are where the variants differ), and a prompt over the scaled limit
+    (max_position_embeddings) is refused by name rather than run with positions never trained."""
+    import json
+    import shutil
+
+    model_dir = Path(shutil.copytree(tiny_llama_dir, tmp_path / "scaled"))
+    config = json.loads((model_dir / "config.json").read_text())
+    config |= {"max_position_embeddings": 160, "rope_parameters": {"rope_theta": 10000.0, **rope}}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    ids = AutoTokenizer.from_pretrained(model_dir)(PROMPTS[2] * 4)["input_ids"][:140]
+
+    def hf_logprobs(directory) -> torch.Tensor:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logprobs = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        return logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+    engine = LLMEngine(engine_config(model_dir), verbose=False)
+    out = generate(engine, [ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))[0]
+    got = torch.tensor([p["logprob"] for p in out.prompt_logprobs[1:]])
+    error = (got - hf_logprobs(model_dir)).abs().max()
+    unscaled = (got - hf_logprobs(tiny_llama_dir)).abs().max()
+    assert error < 1e-4 and unscaled > 10 * error  # the scaling changed the outputs, and as HF does
+    with pytest.raises(InvalidRequest, match="160 tokens"):
+        engine.add_request("too-long", ids + ids[:30], GREEDY)

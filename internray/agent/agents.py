@@ -13,6 +13,7 @@ import json
 import re
 import time
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -64,7 +65,7 @@ class Trace:
         return write_json(path, self.to_dict())
 
 
-class Agent:
+class Agent(ABC):
     """The loop both protocols share: model turn, tool calls, repeat; the trace records it all."""
 
     kind = ""
@@ -99,9 +100,9 @@ class Agent:
     def first_messages(self, task: str) -> list[dict]:
         return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": task}]
 
+    @abstractmethod
     def step(self, messages: list[dict], step: Step, trace: Trace) -> bool:
         """One model turn and the calls it asks for; True when the model gave its answer."""
-        raise NotImplementedError
 
     def chat(self, messages: list[dict], step: Step, trace: Trace, **kwargs):
         reply = self.llm.chat(messages, **kwargs)

@@ -16,6 +16,7 @@ import inspect
 import re
 import time
 import typing
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -67,15 +68,16 @@ class ToolResult:
         return cls(data["name"], data["ok"], data["content"], data.get("images", []), data.get("duration_s", 0.0))
 
 
-class Tool:
+class Tool(ABC):
     """Base of every tool. Subclasses set `name` and implement `run(self, context, **typed args)`."""
 
     name: str = ""
     stateful: bool = False
     """True when calls keep state in the session (an interpreter): one session's calls take turns."""
 
+    @abstractmethod
     def run(self, context: ToolContext, **arguments) -> ToolOutput | str:
-        raise NotImplementedError
+        """The tool's work; its signature (after `context`) and docstring are the schema."""
 
     def definition(self) -> Callable:
         """The callable whose signature and docstring define the tool's schema."""

@@ -50,7 +50,7 @@ from internray.data.tokenize import pack, train_tokenizer  # noqa: E402
 from internray.models.presets import model_config, parameter_count  # noqa: E402
 from internray.train.config import TrainConfig  # noqa: E402
 from internray.train.engine import flops_per_token, optimizer_and_schedule, peak_flops  # noqa: E402
-from internray.train.loop import build_model, collate  # noqa: E402
+from internray.train.objective import build_model, collate  # noqa: E402
 
 VOCAB_SIZE = 8192  # the data stage's default
 TOKENIZER_CHARS = 3_000_000  # stdlib text the tokenizer is trained on

@@ -25,6 +25,8 @@ STAGES = {
                  "internray.train.config:TrainConfig", "internray.train.pretrain:run_pretrain"),
     "finetune": ("SFT (full, LoRA, QLoRA) or incremental pretraining of a checkpoint",
                  "internray.train.config:TrainConfig", "internray.train.finetune:run_finetune"),
+    "align": ("reward model, DPO, SimPO, GRPO or PPO training of a checkpoint (Ray Train + DeepSpeed, engine rollouts)",
+              "internray.align.config:AlignConfig", "internray.align.run:run_align"),
 }
 
 

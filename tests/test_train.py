@@ -23,7 +23,7 @@ from internray.data.tokenize import pack, train_tokenizer
 from internray.runs import read_manifest
 from internray.train.config import TrainConfig
 from internray.train.engine import optimizer_and_schedule
-from internray.train.loop import build_model, collate
+from internray.train.objective import build_model, collate
 from internray.train.pretrain import read_metrics, run_pretrain
 
 SEQ_LEN = 64

@@ -126,6 +126,16 @@ class TrainConfig(Section):
     validation: ValidationSection = Field(default_factory=ValidationSection)
     finetune: FinetuneSection | None = None
 
+    def tuning(self) -> tuple[str, LoraSection]:
+        """Which parameters train (full, lora, qlora), and the LoRA shape when adapters do."""
+        if self.finetune is None:
+            return "full", LoraSection()
+        return self.finetune.method, self.finetune.lora
+
+    def has_own_data(self) -> bool:
+        """Whether the job brings its own data (finetuning JSONL) instead of packed shards."""
+        return self.finetune is not None
+
     @model_validator(mode="after")
     def _qlora_needs_cuda(self):
         if self.finetune is not None and self.finetune.method == "qlora" and not self.scaling.use_gpu:
@@ -142,7 +152,7 @@ class TrainConfig(Section):
                 self.data.train = stages / "train"
             if self.data.validation is None and (stages / "validation").is_dir():
                 self.data.validation = stages / "validation"
-        if self.data.train is None and self.finetune is None:
+        if self.data.train is None and not self.has_own_data():
             raise ValueError("set `data.train` (packed shards) or `data.from_run` (a data run, or `latest`)")
         return self
 

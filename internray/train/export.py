@@ -27,12 +27,13 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
 
 
 def export_hf(checkpoint_dir: str | Path, model: torch.nn.Module, tokenizer, out: Path,
-              adapter_only: bool = False) -> Path:
+              adapter_only: bool = False, unwrap=None) -> Path:
     """Load the consolidated weights into `model` (a freshly built skeleton) and save it as HF.
 
     A LoRA model is saved twice: its adapter (`out/adapter`, for PEFT users) and merged into the
     base (`out`, a plain checkpoint for serving). `adapter_only` loads just the adapter weights,
     for QLoRA, whose 4-bit base in the checkpoint is replaced by the skeleton's full-precision one.
+    `unwrap` picks the HF model out of a training wrapper (PPO's value head) before saving.
     """
     from internray.models.export import save_hf
 
@@ -40,14 +41,18 @@ def export_hf(checkpoint_dir: str | Path, model: torch.nn.Module, tokenizer, out
     if adapter_only:
         state = {k: v for k, v in state.items() if "lora_" in k}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    # a tied weight (lm_head = embeddings) is stored once, under one of its names
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     missing = set(missing) - tied
     if adapter_only:
         missing = {k for k in missing if "lora_" in k}
     if unexpected or missing:
         raise RuntimeError(f"checkpoint does not match the model: missing {sorted(missing)}, unexpected {unexpected}")
+    if unwrap is not None:
+        model = unwrap(model)
     if hasattr(model, "merge_and_unload"):
         model.save_pretrained(out / "adapter")
         model = model.merge_and_unload()
     save_hf(model, tokenizer, out)
     return out
+

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from internray.runs import Run
 from internray.train.config import TrainConfig
+from internray.train.objective import LanguageModeling
 from internray.train.pretrain import fit, load_tokenizer, open_stage_run
 from internray.train.sft import prepare_sft
 
@@ -27,4 +28,4 @@ def run_finetune(config: TrainConfig) -> Run:
                          train, run.path("sft_rejects.jsonl"))
     run.update(counts=counts)
     config.data.train = train.parent
-    return fit(config, run, tokenizer)
+    return fit(LanguageModeling(config), run, tokenizer)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
-import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -20,7 +18,8 @@ from internray.runs import Run, open_run
 from internray.train.config import TrainConfig, tokenizer_dir
 from internray.train.engine import scaling_kwargs
 from internray.train.export import export_hf
-from internray.train.loop import build_model, train_loop_per_worker
+from internray.train.loop import train_loop_per_worker
+from internray.train.objective import LanguageModeling, Objective
 
 
 def run_pretrain(config: TrainConfig) -> Run:
@@ -28,7 +27,7 @@ def run_pretrain(config: TrainConfig) -> Run:
     run.add_input(config.data.train, role="train")
     if config.data.validation is not None:
         run.add_input(config.data.validation, role="validation")
-    return fit(config, run, load_tokenizer(config))
+    return fit(LanguageModeling(config), run, load_tokenizer(config))
 
 
 def open_stage_run(stage: str, config: TrainConfig) -> Run:
@@ -45,15 +44,17 @@ def load_tokenizer(config: TrainConfig):
     return AutoTokenizer.from_pretrained(str(tokenizer_dir(config)))
 
 
-def fit(config: TrainConfig, run: Run, tokenizer) -> Run:
-    """Train on `config.data.train` with Ray Train + DeepSpeed, then export, plot and finish the run."""
+def fit(objective: Objective, run: Run, tokenizer) -> Run:
+    """Minimize `objective` on `config.data.train` with Ray Train + DeepSpeed, then export, plot
+    and finish the run."""
+    config = objective.config
     stage = run.manifest["stage"]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loop_config = {
-        "config": config.model_dump(mode="json"),
+        "objective": objective,
         "vocab_size": len(tokenizer),
         "pad_id": pad_id,
-        "seq_len": sequence_length(config.data.train),
+        "seq_len": objective.sequence_length(config.data.train),
         "metrics_file": str(run.path("metrics.jsonl").resolve()),
         "run_id": run.run_id,
     }
@@ -66,28 +67,21 @@ def fit(config: TrainConfig, run: Run, tokenizer) -> Run:
             failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep_last),
         ),
-        datasets={"train": ray.data.read_parquet(str(config.data.train))},
+        datasets={"train": objective.dataset(config.data.train)},
     )
     result = trainer.fit()
     history = read_metrics(run.path("metrics.jsonl"))
-    method = config.finetune.method if config.finetune is not None else "full"
-    export_hf(result.checkpoint.path, build_model(config, len(tokenizer), quantize=False), tokenizer, run.path("hf"),
-              adapter_only=method == "qlora")
+    export_hf(result.checkpoint.path, objective.build_model(len(tokenizer), quantize=False), tokenizer, run.path("hf"),
+              adapter_only=config.tuning()[0] == "qlora", unwrap=objective.exported)
     run.add_output("hf", run.path("hf"))
     plot_losses(history, run.path("loss.png"))
     run.add_output("loss_curve", run.path("loss.png"))
     run.add_output("metrics", run.path("metrics.jsonl"))
     last = history[-1]
-    run.update(metrics={k: last[k] for k in ("step", "loss", "val_loss", "tokens_seen", "tokens_per_s", "mfu") if k in last})
+    run.update(metrics={k: v for k, v in last.items() if k not in ("lr", "grad_norm", "memory_gb")})
     run.finish()
     print(f"[internray {stage} {run.run_id}] done: HF checkpoint in {run.path('hf')}", flush=True)
     return run
-
-
-def sequence_length(shards: Path) -> int:
-    """The packed sequence length, read from the first shard's first row."""
-    first = sorted(Path(shards).glob("*.parquet"))[0]
-    return len(pq.ParquetFile(first).read_row_group(0, columns=["input_ids"]).column(0)[0])
 
 
 def read_metrics(path: Path) -> list[dict]:

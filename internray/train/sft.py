@@ -58,8 +58,10 @@ def _field(record: dict, key: str, kind: type):
     return record[key]
 
 
-def tokenize_conversation(tokenizer, messages: list[dict] | str, max_len: int) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) with labels = IGNORE everywhere but assistant replies (or all, for text)."""
+def tokenize_conversation(tokenizer, messages: list[dict] | str, max_len: int,
+                          learn_from: int = 0) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with labels = IGNORE everywhere but assistant replies (or all, for text);
+    assistant messages before index `learn_from` count as context (a preference pair's prompt)."""
     if isinstance(messages, str):
         ids = tokenizer(messages, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return ids[:max_len], ids[:max_len]
@@ -74,7 +76,7 @@ def tokenize_conversation(tokenizer, messages: list[dict] | str, max_len: int) -
             _append(tokenizer, header[len(rendered):], ids, labels, learn=False)
             rendered = header
         full = _render(tokenizer, messages[: i + 1], generation_prompt=False)
-        _append(tokenizer, full[len(rendered):], ids, labels, learn=message["role"] == "assistant")
+        _append(tokenizer, full[len(rendered):], ids, labels, learn=message["role"] == "assistant" and i >= learn_from)
         rendered = full
     return ids[:max_len], labels[:max_len]
 
@@ -92,24 +94,41 @@ def _append(tokenizer, text: str, ids: list[int], labels: list[int], learn: bool
 
 
 def prepare_sft(source: Path, tokenizer, fmt: str, max_len: int, out: Path, rejects: Path) -> dict[str, int]:
-    """Tokenize a JSONL file into Parquet rows; bad records go to `rejects` with the reason."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """Tokenize a JSONL file of conversations into Parquet rows (input_ids, labels)."""
+    def row(record: dict) -> dict:
+        ids, labels = tokenize_conversation(tokenizer, to_messages(record, fmt), max_len)
+        return {"input_ids": ids, "labels": labels}
+
+    records, rejected = tokenize_jsonl(source, row, SFT_SCHEMA, out, rejects, (SFTFormatError,), f"{fmt} records")
+    return {"sft_records": records, "sft_rejected": rejected}
+
+
+def tokenize_jsonl(source: Path, to_row, schema: pa.Schema, out: Path, rejects: Path,
+                   errors: tuple[type[Exception], ...], what: str) -> tuple[int, int]:
+    """`to_row(record)` for every JSONL record into one Parquet file; lines that are not JSON, or
+    whose record raises one of `errors`, go to `rejects` with the line number and the reason.
+    Returns (rows written, records rejected); no usable record at all is an error naming the first reason."""
+    import pyarrow.parquet as pq
+
     rows, bad = [], []
     with open(source, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                ids, labels = tokenize_conversation(tokenizer, to_messages(json.loads(line), fmt), max_len)
-            except (json.JSONDecodeError, SFTFormatError) as err:
-                bad.append({"line": lineno, "reason": str(err), "text": line[:500]})
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                bad.append({"line": lineno, "reason": f"not valid JSON ({err})", "text": line[:500]})
                 continue
-            rows.append({"input_ids": ids, "labels": labels})
+            try:
+                rows.append(to_row(record))
+            except errors as err:
+                bad.append({"line": lineno, "reason": str(err), "text": line[:500]})
     if not rows:
-        raise ValueError(f"{source}: no usable {fmt} records ({len(bad)} rejected, first: {bad[0]['reason'] if bad else 'empty file'})")
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.Table.from_pylist(rows, schema=SFT_SCHEMA), out)
+        first = bad[0]["reason"] if bad else "empty file"
+        raise ValueError(f"{source}: no usable {what} ({len(bad)} rejected, first: {first})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), out)
     if bad:
         rejects.write_text("".join(json.dumps(b) + "\n" for b in bad))
-    return {"sft_records": len(rows), "sft_rejected": len(bad)}
+    return len(rows), len(bad)

@@ -26,6 +26,7 @@ class AsyncLLMEngine:
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._failure: BaseException | None = None
+        self._idle_calls: list = []  # (fn, reply) waiting for the engine to have no request running
         self._thread = threading.Thread(target=self._loop, name="internray-engine", daemon=True)
         self._thread.start()
 
@@ -53,11 +54,25 @@ class AsyncLLMEngine:
             if not finished:
                 self._inbox.put(("abort", request_id))
 
+    async def call_when_idle(self, fn):
+        """Run `fn(engine)` on the engine thread once no request is running, and return its result
+        (the align stage swaps a rollout engine's weights this way, between batches)."""
+        reply = asyncio.get_running_loop().create_future()
+        self._inbox.put(("call", fn, reply))
+        return await reply
+
     def _loop(self) -> None:
         raise_thread_priority("the engine thread")
         try:
             while True:
-                self._drain_inbox(block=not self.engine.has_work)
+                self._drain_inbox(block=not self.engine.has_work and not self._idle_calls)
+                while self._idle_calls and not self.engine.has_work:
+                    fn, reply = self._idle_calls.pop(0)
+                    try:
+                        result, error = fn(self.engine), None
+                    except Exception as e:
+                        result, error = None, e
+                    reply.get_loop().call_soon_threadsafe(_resolve, reply, error, result)
                 for out in self.engine.step():
                     self._deliver(out.request_id, out)
         except BaseException as e:  # surface to every waiting caller instead of hanging them
@@ -78,6 +93,9 @@ class AsyncLLMEngine:
     def _handle(self, item) -> None:
         if item[0] == "abort":
             self.engine.abort(item[1])
+            return
+        if item[0] == "call":
+            self._idle_calls.append(item[1:])
             return
         _, request_id, prompt, params, reply = item
         loop = reply.get_loop()
@@ -102,10 +120,10 @@ class AsyncLLMEngine:
                 "preemptions": e.scheduler.num_preemptions}
 
 
-def _resolve(future: asyncio.Future, error: Exception | None) -> None:
+def _resolve(future: asyncio.Future, error: Exception | None, result=None) -> None:
     if future.done():
         return
     if error is None:
-        future.set_result(None)
+        future.set_result(result)
     else:
         future.set_exception(error)

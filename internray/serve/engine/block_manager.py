@@ -114,6 +114,14 @@ class BlockManager:
         seq.block_table.clear()
         seq.num_computed_tokens = seq.num_cached_tokens = seq.num_published_blocks = 0
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (their keys/values came from weights that were replaced)."""
+        if self.num_free != self.num_blocks:
+            raise RuntimeError("cannot reset the prefix cache while sequences hold blocks")
+        for block in self.blocks:
+            block.hash, block.token_ids = None, []
+        self.cached.clear()
+
     def _take_free(self) -> int:
         block = self.blocks[self.free_ids.popitem(last=False)[0]]
         if block.hash is not None and self.cached.get(block.hash) == block.block_id:

@@ -181,6 +181,14 @@ class LLMEngine:
                              seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_tokens, seq.logprobs,
                              seq.prompt_logprobs)
 
+    def update_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Replace the model's weights (HF tensor names) between batches, dropping the prefix
+        cache computed with the old ones; the align stage's rollouts call this after each update."""
+        if self.has_work:
+            raise RuntimeError("update_weights needs an idle engine (requests are still running)")
+        self.runner.load_weights(weights)
+        self.blocks.reset_prefix_cache()
+
     def shutdown(self) -> None:
         if hasattr(self.runner, "shutdown"):
             self.runner.shutdown()

@@ -94,10 +94,9 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(tp.rank % torch.cuda.device_count())
             self.device = torch.device("cuda", torch.cuda.current_device())
-        dtype = resolve_dtype(engine.dtype, self.device)
-        self.model = load_model(engine.model, tp, dtype, self.device)
-        if self.device.type == "cpu" and dtype != torch.float16 and torch.backends.mkldnn.is_available():
-            pack_linears_for_cpu(self.model, engine.max_num_seqs)
+        self.engine_config, self.tp = engine, tp
+        dtype = self.dtype = resolve_dtype(engine.dtype, self.device)
+        self.model = self._load()
         attn = self.model.model.layers[0].self_attn
         self.block_size = engine.block_size
         shape = (num_blocks, engine.block_size, 2, attn.num_kv_heads, attn.head_dim)
@@ -105,6 +104,17 @@ class ModelRunner:
         if self.device.type == "cpu" and engine.compiled_cpu_attention:
             self.decode_kernel = cpu_attention.load()
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.model.model.layers]
+
+    def _load(self, weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+        model = load_model(self.engine_config.model, self.tp, self.dtype, self.device, weights)
+        if self.device.type == "cpu" and self.dtype != torch.float16 and torch.backends.mkldnn.is_available():
+            pack_linears_for_cpu(model, self.engine_config.max_num_seqs)
+        return model
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Swap in new weights (HF names), e.g. a policy after a training step. The model is
+        rebuilt rather than written in place: packed CPU linears keep no dense copy to write to."""
+        self.model = self._load(weights)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device)

@@ -40,6 +40,9 @@ class RankWorker:
     def execute(self, step: StepInput) -> None:
         self.runner.execute(step)
 
+    def load_weights(self, weights: dict) -> None:
+        self.runner.load_weights(weights)
+
 
 class TensorParallelGroup:
     """The engine's handle on all ranks: `execute(step)` returns rank 0's logits."""
@@ -65,6 +68,12 @@ class TensorParallelGroup:
         logits = self.runner.execute(step)
         ray.get(pending)  # surfaces a failed rank instead of hanging on the next all-reduce
         return logits
+
+    def load_weights(self, weights: dict) -> None:
+        ref = ray.put(weights)
+        pending = [w.load_weights.remote(ref) for w in self.workers]
+        self.runner.load_weights(weights)
+        ray.get(pending)
 
     def shutdown(self) -> None:
         for w in self.workers:

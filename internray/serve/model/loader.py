@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -20,13 +21,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def load_model(model_dir: str | Path, tp: TPInfo, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+def load_model(model_dir: str | Path, tp: TPInfo, dtype: torch.dtype, device: torch.device,
+               weights: Mapping[str, torch.Tensor] | None = None) -> LlamaForCausalLM:
     """Read each checkpoint tensor once, slice out this rank's shard (`tp_dim`), and place it in
-    its (possibly fused, `FUSED`) parameter."""
+    its (possibly fused, `FUSED`) parameter. `weights` (HF names, e.g. a trainer's state dict)
+    replace the directory's safetensors, which is how the align stage refreshes a rollout engine."""
     model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors files (export or import the checkpoint first)")
     model = LlamaForCausalLM(AutoConfig.from_pretrained(model_dir), tp)
     qconfig = quantization_config(model.config)
     if qconfig is not None:
@@ -36,31 +36,29 @@ def load_model(model_dir: str | Path, tp: TPInfo, dtype: torch.dtype, device: to
         param.data = torch.empty(param.shape, dtype=dtype if param.is_floating_point() else param.dtype,
                                  device=device)
     loaded = set()
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue
-                target, part = fused_name(name)
-                if target not in params:
-                    raise ValueError(f"{file.name}: unexpected tensor {name!r} for a {model.config.model_type} model")
-                param = params[target]
-                rows = slice(None)
-                size = param.shape[param.tp_dim] if param.tp_dim is not None else None
-                if part is not None:
-                    size = param.parts[part]
-                    rows = slice(sum(param.parts[:part]), sum(param.parts[:part + 1]))
-                tensor = f.get_slice(name)
-                index = [slice(None)] * len(tensor.get_shape())
-                if param.tp_dim is not None:
-                    index[param.tp_dim] = slice(tp.rank * size, (tp.rank + 1) * size)
-                tensor = tensor[tuple(index)]
-                destination = param.data[rows]
-                if tensor.shape != destination.shape:
-                    raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)} on rank {tp.rank}, "
-                                     f"expected {tuple(destination.shape)}")
-                destination.copy_(tensor)
-                loaded.add((target, part))
+    tensors = _files(model_dir) if weights is None else (("weights", n, t) for n, t in weights.items())
+    for origin, name, tensor in tensors:
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        target, part = fused_name(name)
+        if target not in params:
+            raise ValueError(f"{origin}: unexpected tensor {name!r} for a {model.config.model_type} model")
+        param = params[target]
+        rows = slice(None)
+        size = param.shape[param.tp_dim] if param.tp_dim is not None else None
+        if part is not None:
+            size = param.parts[part]
+            rows = slice(sum(param.parts[:part]), sum(param.parts[:part + 1]))
+        index = [slice(None)] * (len(tensor.get_shape()) if hasattr(tensor, "get_shape") else tensor.dim())
+        if param.tp_dim is not None:
+            index[param.tp_dim] = slice(tp.rank * size, (tp.rank + 1) * size)
+        tensor = tensor[tuple(index)]
+        destination = param.data[rows]
+        if tensor.shape != destination.shape:
+            raise ValueError(f"{origin}: {name} has shape {tuple(tensor.shape)} on rank {tp.rank}, "
+                             f"expected {tuple(destination.shape)}")
+        destination.copy_(tensor)
+        loaded.add((target, part))
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add(("lm_head.weight", None))
@@ -72,6 +70,17 @@ def load_model(model_dir: str | Path, tp: TPInfo, dtype: torch.dtype, device: to
     if qconfig is not None:
         prepare_quantized_linears(model, dtype)
     return model
+
+
+def _files(model_dir: Path) -> Iterator[tuple[str, str, object]]:
+    """(file name, tensor name, lazily sliceable tensor) for every tensor of the checkpoint."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors files (export or import the checkpoint first)")
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield file.name, name, f.get_slice(name)
 
 
 def fused_name(name: str) -> tuple[str, int | None]:

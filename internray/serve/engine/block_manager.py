@@ -53,8 +53,9 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        return self.blocks_needed(seq.num_tokens) <= self.num_free
+    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
+        """Whether all of `seq`'s blocks can be taken and still leave `reserve` free."""
+        return self.blocks_needed(seq.num_tokens) + reserve <= self.num_free
 
     def allocate(self, seq: Sequence) -> None:
         """Blocks for all of `seq`'s tokens, sharing cached blocks for its longest cached prefix."""

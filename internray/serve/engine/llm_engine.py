@@ -22,6 +22,7 @@ from internray.serve.engine.scheduler import Scheduler
 from internray.serve.engine.sequence import Sequence
 from internray.serve.metrics import EngineMetrics
 from internray.serve.model.layers import TPInfo
+from internray.serve.model.llama import context_limit
 
 
 @dataclass
@@ -47,7 +48,12 @@ class LLMEngine:
         self.eos_ids = set(_as_list(hf_config.eos_token_id)) | ({self.tokenizer.eos_token_id} - {None})
         num_blocks = kv_cache_blocks(config, hf_config)
         capacity = num_blocks * config.block_size
-        self.max_model_len = min(config.max_model_len or hf_config.max_position_embeddings, capacity)
+        limit = context_limit(hf_config)
+        if config.max_model_len and config.max_model_len > limit:
+            raise ValueError(f"max_model_len={config.max_model_len} exceeds this checkpoint's context of {limit} tokens "
+                             "(max_position_embeddings, x factor for dynamic NTK RoPE): positions past it were "
+                             "never trained; declare rope_parameters scaling in config.json to extend it")
+        self.max_model_len = min(config.max_model_len or limit, capacity)
         if self.max_model_len < 2:
             raise ValueError(f"kv_cache_gib={config.kv_cache_gib} buys {num_blocks} blocks: not even one sequence fits")
         if config.tensor_parallel_size == 1:

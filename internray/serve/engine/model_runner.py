@@ -21,6 +21,7 @@ from internray.serve.model.layers import (
     TPInfo,
     pack_linears_for_cpu,
 )
+from internray.serve.model.kv_cache import KVCache, bytes_per_token_head
 from internray.serve.model.llama import head_dim
 from internray.serve.model.loader import load_model, resolve_dtype
 
@@ -31,15 +32,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def kv_block_bytes(hf_config, engine: EngineConfig) -> int:
-    """Bytes one KV-cache block takes on one rank: keys + values, every layer."""
+def kv_bytes_per_token(hf_config, engine: EngineConfig) -> int:
+    """Bytes one token's keys and values (and int8 scales) take in the cache of one rank, every layer."""
     dtype = resolve_dtype(engine.dtype, resolve_device(engine.device))
     heads = hf_config.num_key_value_heads // engine.tensor_parallel_size
-    return 2 * hf_config.num_hidden_layers * engine.block_size * heads * head_dim(hf_config) * dtype.itemsize
+    per_head = bytes_per_token_head(head_dim(hf_config), dtype, engine.kv_cache_dtype == "int8")
+    return hf_config.num_hidden_layers * heads * per_head
 
 
 def kv_cache_blocks(engine: EngineConfig, hf_config) -> int:
-    return int(engine.kv_cache_gib * 2**30 // kv_block_bytes(hf_config, engine))
+    return int(engine.kv_cache_gib * 2**30 // (kv_bytes_per_token(hf_config, engine) * engine.block_size))
 
 
 @dataclass
@@ -99,11 +101,12 @@ class ModelRunner:
         self.model = self._load()
         attn = self.model.model.layers[0].self_attn
         self.block_size = engine.block_size
-        shape = (num_blocks, engine.block_size, 2, attn.num_kv_heads, attn.head_dim)
         self.decode_kernel = None
         if self.device.type == "cpu" and engine.compiled_cpu_attention:
             self.decode_kernel = cpu_attention.load()
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.model.model.layers]
+        self.kv_caches = [KVCache.allocate(num_blocks, engine.block_size, attn.num_kv_heads, attn.head_dim, dtype,
+                                           self.device, int8=engine.kv_cache_dtype == "int8")
+                          for _ in self.model.model.layers]
 
     def _load(self, weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
         model = load_model(self.engine_config.model, self.tp, self.dtype, self.device, weights)

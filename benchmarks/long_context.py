@@ -3,10 +3,10 @@
 On SmolLM2-135M-Instruct (bf16 weights, 2 threads, the serve engine in process):
 1. Memory: KV-cache bytes per token (all layers) for fp32, bf16 and int8 caches, and how many
    tokens --kv-gib holds.
-2. Needle in a haystack: the eval stage's items and scoring (eval/needle.py: Paul Graham essays,
-   the San Francisco needle, key-phrase score) at --lengths x --depths, with the model's chat
-   template (an instruct model answers nothing to a bare completion prompt), bf16 cache vs int8
-   cache; the heatmaps go to --out.
+2. Needle in a haystack through the eval stage (eval/needle.py: Paul Graham essays, the San
+   Francisco needle, key-phrase score) at --lengths x --depths, against internray serve holding
+   the model twice, bf16 cache and int8 cache; chat mode (an instruct model answers nothing to a
+   bare completion prompt). The eval runs, reports and heatmaps go to --out.
 3. The longest context: the checkpoint's RoPE extended with dynamic NTK (--ntk-factor, written
    into a copy of config.json; trained at 8,192 tokens) and one needle at --longest tokens, depth
    0.5, per cache: prefill seconds, KV MiB the sequence holds, how much the process's resident
@@ -44,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-gib", type=float, default=0.1)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--batch-prompt", type=int, default=1000)
-    p.add_argument("--out", default="long_context_out", help="directory for the needle heatmaps")
+    p.add_argument("--out", default="long_context_out", help="where the needle eval runs (reports, heatmaps) go")
     p.add_argument("--json")
     return p.parse_args()
 
@@ -72,20 +72,39 @@ def needle_prompts(tokenizer, lengths: list[int], depths: list[float]) -> tuple[
     return items, [chat_ids(tokenizer, item["prompt"]) for item in items]
 
 
-def needle_scores(model: Path, kv: str, items: list[dict], prompts: list[list[int]], args) -> dict:
-    from internray.eval.needle import needle_spec
-    from internray.eval.scoring import score_generate
-    from internray.serve.engine.llm_engine import generate
-    from internray.serve.engine.sampling_params import SamplingParams
+def needle_through_eval(model: Path, lengths: list[int], depths: list[float], args) -> dict:
+    """One Serve app holding the checkpoint twice (bf16 cache, int8 cache) and the eval stage's
+    needle benchmark against each endpoint, in chat mode with context counted by the model's
+    tokenizer: each run writes its own report and heatmap under --out."""
+    import ray
+    from ray import serve
 
-    spec = needle_spec(Path("unused.jsonl"), max_tokens=32)
-    start = time.perf_counter()
-    outs = generate(engine(model, kv, args.kv_gib), prompts,
-                    SamplingParams(max_tokens=spec.max_tokens, temperature=0, stop=spec.stop))
-    scores = {item["cell"]: score_generate(spec, item, {"completions": [out.text]})["correct"]
-              for item, out in zip(items, outs)}
-    return {"scores": scores, "mean": sum(scores.values()) / len(scores), "seconds": time.perf_counter() - start,
-            "answers": {item["cell"]: out.text for item, out in zip(items, outs)}}
+    from internray.config import validate_config
+    from internray.eval.config import EvalConfig
+    from internray.eval.runner import run_eval
+    from internray.runtime import connect, free_port
+    from internray.serve.launch import serve_config, start
+
+    connect(worker_niceness=0)
+    models = [{"model": str(model), "served_name": name, "dtype": "bfloat16", "kv_cache_dtype": kv,
+               "kv_cache_gib": args.kv_gib, "max_num_batched_tokens": 2048} for name, kv in CACHES.items()]
+    url = start(serve_config([], {"models": models, "server": {"cpus_per_replica": 0}}, port=free_port()))
+    results = {}
+    try:
+        for name in CACHES:
+            start_s = time.perf_counter()
+            run = run_eval(validate_config(EvalConfig, {
+                "model": {"path_or_url": url, "name": name, "chat": True, "timeout_s": 1800, "max_concurrency": 4},
+                "datasets": ["needle"], "num_workers": 1, "cpus_per_worker": 0, "shard_size": 4,
+                "needle": {"context_lengths": lengths, "depths": depths, "tokenizer": str(model)},
+                "run": {"root": str(Path(args.out) / "eval-runs")}}))
+            needle = json.loads(run.path("results.json").read_text())["datasets"]["needle"]
+            results[name] = {"scores": {c: v["score"] for c, v in needle["per_category"].items()},
+                             "mean": needle["score"], "seconds": time.perf_counter() - start_s, "run": str(run.dir)}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return results
 
 
 def ntk_copy(model: Path, factor: float, out: Path) -> Path:
@@ -155,8 +174,6 @@ def main() -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     import serve as serve_bench
-    from internray.eval.needle import cell_scores
-    from internray.eval.report import needle_heatmap
     from internray.serve.config import EngineConfig
     from internray.serve.engine.model_runner import kv_bytes_per_token
 
@@ -174,15 +191,12 @@ def main() -> None:
         print(f"   {name:<5} {per_token / 1024:6.2f} KiB/token  {results['memory'][name]['tokens']:>10,} tokens")
 
     lengths, depths = [int(x) for x in args.lengths.split(",")], [float(x) for x in args.depths.split(",")]
-    items, prompts = needle_prompts(tokenizer, lengths, depths)
-    out_dir = Path(args.out)
-    print(f"2. needle in a haystack: lengths {lengths} x depths {depths}")
-    for name, kv in CACHES.items():
-        r = results["needle"][name] = needle_scores(model, kv, items, prompts, args)
-        needle_heatmap(cell_scores({c: {"score": s} for c, s in r["scores"].items()}),
-                       out_dir / f"needle_{name}.png", f"{model.name}, {name} KV cache")
-        print(f"   {name:<5} mean score {r['mean']:.3f} over {len(items)} cells in {r['seconds']:.1f} s; "
-              f"per cell {json.dumps({c: round(s, 2) for c, s in r['scores'].items()})}", flush=True)
+    print(f"2. needle in a haystack through the eval stage and internray serve: lengths {lengths} x depths {depths}")
+    results["needle"] = needle_through_eval(model, lengths, depths, args)
+    for name, r in results["needle"].items():
+        print(f"   {name:<5} mean score {r['mean']:.3f} over {len(r['scores'])} cells in {r['seconds']:.1f} s; "
+              f"per cell {json.dumps({c: round(x, 2) for c, x in r['scores'].items()})}; report in {r['run']}",
+              flush=True)
 
     if args.longest:
         with tempfile.TemporaryDirectory() as tmp:

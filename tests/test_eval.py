@@ -356,3 +356,19 @@ def test_local_and_served_backends_give_the_same_scores(tmp_path, tiny_llama_dir
         assert a[key] == pytest.approx(b[key], abs=1e-3)
     assert [r["pred"] for r in item_rows(local, "mmlu")] == [r["pred"] for r in item_rows(served, "mmlu")]
     assert results(local)["datasets"]["mmlu"]["score"] == results(served)["datasets"]["mmlu"]["score"]
+
+
+@pytest.mark.slow
+def test_chat_mode_puts_an_instruct_model_on_its_template_locally_and_served(tmp_path, smollm2_dir, smollm2_server):
+    """SmolLM2-Instruct finds the needle when the prompt goes through its chat template: applied
+    by the HF backend, or by the server behind /v1/chat/completions. The endpoint's context
+    lengths are counted with the same tokenizer, so both runs ask exactly the same items."""
+    needle = {"context_lengths": [300, 600], "depths": [0.0, 1.0], "tokenizer": str(smollm2_dir)}
+    local = run_eval(eval_config(tmp_path / "local", {"path_or_url": str(smollm2_dir), "chat": True}, ["needle"],
+                                 needle=needle))
+    served = run_eval(eval_config(tmp_path / "served", {"path_or_url": smollm2_server.url, "name": "smollm2",
+                                                        "chat": True}, ["needle"], needle=needle))
+    for run in (local, served):
+        cells = results(run)["datasets"]["needle"]["per_category"]
+        assert {k: v["score"] for k, v in cells.items()} == {"300@0": 1.0, "300@1": 1.0, "600@0": 1.0, "600@1": 1.0}
+    assert run.path("needle", "items.jsonl").read_text() == local.path("needle", "items.jsonl").read_text()

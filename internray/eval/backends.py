@@ -35,7 +35,7 @@ class HFBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         device = model.device if model.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device, self.batch_size = torch.device(device), model.batch_size
+        self.device, self.batch_size, self.chat = torch.device(device), model.batch_size, model.chat
         self.tokenizer = AutoTokenizer.from_pretrained(model.path_or_url)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -87,7 +87,11 @@ class HFBackend:
         self.tokenizer.padding_side = "left"
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start:start + self.batch_size]
-            enc = self.tokenizer(batch, return_tensors="pt", padding=True).to(self.device)
+            if self.chat:  # the template writes its own special tokens
+                batch = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                            add_generation_prompt=True) for p in batch]
+            enc = self.tokenizer(batch, return_tensors="pt", padding=True,
+                                 add_special_tokens=not self.chat).to(self.device)
             torch.manual_seed(gen.seed + start)
             with torch.inference_mode():
                 out = self.model.generate(
@@ -102,12 +106,14 @@ class HFBackend:
 
 
 class OpenAIBackend(OpenAIClient):
-    """Any OpenAI-compatible `/v1/completions` endpoint, with bounded concurrency, a timeout per
-    request, and retries (with backoff) on connection errors, 429 and 5xx."""
+    """Any OpenAI-compatible `/v1/completions` endpoint (`/v1/chat/completions` for generation in
+    chat mode), with bounded concurrency, a timeout per request, and retries (with backoff) on
+    connection errors, 429 and 5xx."""
 
     def __init__(self, model: ModelSection):
         super().__init__(model.path_or_url, model.api_key_env, model.timeout_s, model.max_retries)
         self.name = model.name or self.first_model()
+        self.chat = model.chat
         self.pool = ThreadPoolExecutor(model.max_concurrency)
 
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
@@ -129,12 +135,14 @@ class OpenAIBackend(OpenAIClient):
 
     def generate(self, prompts: list[str], gen: Generation) -> list[list[str]]:
         def one(prompt: str) -> list[str]:
-            body = {"model": self.name, "prompt": prompt, "max_tokens": gen.max_tokens, "temperature": gen.temperature,
+            body = {"model": self.name, "max_tokens": gen.max_tokens, "temperature": gen.temperature,
                     "n": gen.n, "seed": gen.seed}
+            body |= {"messages": [{"role": "user", "content": prompt}]} if self.chat else {"prompt": prompt}
             if gen.stop:
                 body["stop"] = list(gen.stop)[:4]  # OpenAI's limit; the rest are applied here
-            choices = sorted(self.request("POST", "/v1/completions", body)["choices"], key=lambda c: c["index"])
-            return [cut_at_stop(c["text"], gen.stop) for c in choices]
+            path = "/v1/chat/completions" if self.chat else "/v1/completions"
+            choices = sorted(self.request("POST", path, body)["choices"], key=lambda c: c["index"])
+            return [cut_at_stop(c["message"]["content"] if self.chat else c["text"], gen.stop) for c in choices]
         return list(self.pool.map(one, prompts))
 
 

@@ -20,6 +20,9 @@ class ModelSection(Section):
     name: str | None = Field(None, description="model name reported (and sent to an endpoint); default: "
                                                 "the directory name, or the endpoint's first model")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the endpoint's key")
+    chat: bool = Field(False, description="generate benchmarks: send each prompt as one user message (the "
+                       "checkpoint's chat template, or /v1/chat/completions), as instruct models expect; "
+                       "likelihood benchmarks stay on raw text")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(8, ge=1, description="hf: sequences per forward pass")
@@ -49,6 +52,9 @@ class NeedleSection(Section):
     context_lengths: list[int] = Field(default_factory=lambda: [512, 1024, 2048], min_length=1)
     depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
     max_tokens: int = Field(32, ge=1)
+    tokenizer: str | None = Field(None, description="a local checkpoint or tokenizer directory that counts context "
+                                  "lengths in tokens for an endpoint (default: the model's own when local, else "
+                                  "4 characters per token)")
 
 
 class JudgeSection(Section):

@@ -143,12 +143,13 @@ def run_eval(config: EvalConfig) -> Run:
 
 
 def needle_benchmark(run: Run, config: EvalConfig) -> BenchmarkSpec:
-    """Write the needle items for this model (its tokenizer measures context when it is local)."""
+    """Write the needle items for this model (a tokenizer measures context where one is at hand)."""
     tokenizer = None
-    if config.model.kind == "hf":
+    source = config.needle.tokenizer or (config.model.path_or_url if config.model.kind == "hf" else None)
+    if source:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(config.model.path_or_url)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     items = make_needle_items(config.needle.context_lengths, config.needle.depths, tokenizer)
     return needle_spec(write_items(run.path("needle", "items.jsonl"), items), config.needle.max_tokens)
 

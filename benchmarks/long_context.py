@@ -9,9 +9,9 @@ On SmolLM2-135M-Instruct (bf16 weights, 2 threads, the serve engine in process):
    bare completion prompt). The eval runs, reports and heatmaps go to --out.
 3. The longest context: the checkpoint's RoPE extended with dynamic NTK (--ntk-factor, written
    into a copy of config.json; trained at 8,192 tokens) and one needle at --longest tokens, depth
-   0.5, per cache: prefill seconds, KV MiB the sequence holds, how much the process's resident
-   memory grew with the engine (weights, a cache sized for this one sequence, what prefill kept),
-   and the answer.
+   0.5, per cache: prefill seconds, the KV MiB the sequence holds, and the answer. (Resident
+   memory is not reported: engines built one after another in one process reuse each other's
+   freed pages, which made the numbers meaningless.)
 4. Capacity at a fixed KV budget (--batch-gib): --batch requests of --batch-prompt distinct tokens
    and 64 new ones; the most sequences each cache held at once (the scheduler's own count), and
    generated tokens/s.
@@ -118,12 +118,6 @@ def ntk_copy(model: Path, factor: float, out: Path) -> Path:
     return out
 
 
-def rss_mib() -> float:
-    """This process's resident memory now (VmRSS)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
 def longest(model: Path, kv: str, tokenizer, args) -> dict:
     from transformers import AutoConfig
 
@@ -137,7 +131,6 @@ def longest(model: Path, kv: str, tokenizer, args) -> dict:
     _, (ids,) = needle_prompts(tokenizer, [args.longest], [0.5])
     per_token = kv_bytes_per_token(AutoConfig.from_pretrained(model),
                                    EngineConfig(model=str(model), dtype="bfloat16", kv_cache_dtype=kv))
-    before = rss_mib()
     llm = engine(model, kv, kv_cache_gib=(len(ids) + 64) * per_token / 2**30)  # just this one sequence
     start = time.perf_counter()
     out = generate(llm, [ids], SamplingParams(max_tokens=32, temperature=0, stop=["\n\n"]))[0]
@@ -145,7 +138,7 @@ def longest(model: Path, kv: str, tokenizer, args) -> dict:
     found = sum(p in out.text.lower() for p in KEY_PHRASES.split("|")) / 2
     return {"tokens": len(ids), "context_limit": context_limit(llm.runner.model.config), "seconds": seconds,
             "prefill_tok_s": len(ids) / seconds, "kv_bytes_per_token": per_token,
-            "kv_mib": per_token * len(ids) / 2**20, "engine_rss_mib": rss_mib() - before, "score": found,
+            "kv_mib": per_token * len(ids) / 2**20, "score": found,
             "answer": out.text}
 
 
@@ -206,7 +199,7 @@ def main() -> None:
                 r = results["longest"][name] = longest(extended, kv, tokenizer, args)
                 print(f"   {name:<5} {r['tokens']:,} tokens (limit {r['context_limit']:,}) in {r['seconds']:.1f} s "
                       f"({r['prefill_tok_s']:.0f} tok/s); KV {r['kv_bytes_per_token'] / 1024:.2f} KiB/token = "
-                      f"{r['kv_mib']:.0f} MiB; engine RSS +{r['engine_rss_mib']:.0f} MiB; score {r['score']:.2f}: "
+                      f"{r['kv_mib']:.0f} MiB; score {r['score']:.2f}: "
                       f"{r['answer'][:60]!r}", flush=True)
 
     print(f"4. capacity in {args.batch_gib:g} GiB: {args.batch} requests x ({args.batch_prompt} prompt + 64 new) tokens")

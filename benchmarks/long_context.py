@@ -62,14 +62,12 @@ def chat_ids(tokenizer, text: str) -> list[int]:
                                               tokenize=True, return_dict=False))
 
 
-def needle_prompts(tokenizer, lengths: list[int], depths: list[float]) -> tuple[list[dict], list[list[int]]]:
-    """The eval stage's needle items, each cut so that with the chat template it is `length` tokens."""
+def needle_ids(tokenizer, length: int, depth: float) -> list[int]:
+    """One of the eval stage's needle items, cut so that with the chat template it is `length` tokens."""
     from internray.eval.needle import make_items
 
-    overhead = len(chat_ids(tokenizer, "")) + 1
-    items = [item | {"context_length": length, "cell": f"{length}@{item['depth']:g}"}
-             for length in lengths for item in make_items([length - overhead], depths, tokenizer)]
-    return items, [chat_ids(tokenizer, item["prompt"]) for item in items]
+    (item,) = make_items([length - len(chat_ids(tokenizer, "")) - 1], [depth], tokenizer)
+    return chat_ids(tokenizer, item["prompt"])
 
 
 def needle_through_eval(model: Path, lengths: list[int], depths: list[float], args) -> dict:
@@ -121,21 +119,23 @@ def ntk_copy(model: Path, factor: float, out: Path) -> Path:
 def longest(model: Path, kv: str, tokenizer, args) -> dict:
     from transformers import AutoConfig
 
-    from internray.eval.needle import KEY_PHRASES
+    from internray.eval.needle import KEY_PHRASES, needle_spec
+    from internray.eval.scoring import score_generate
     from internray.serve.config import EngineConfig
     from internray.serve.engine.llm_engine import generate
     from internray.serve.engine.model_runner import kv_bytes_per_token
     from internray.serve.engine.sampling_params import SamplingParams
     from internray.serve.model.llama import context_limit
 
-    _, (ids,) = needle_prompts(tokenizer, [args.longest], [0.5])
+    ids = needle_ids(tokenizer, args.longest, 0.5)
     per_token = kv_bytes_per_token(AutoConfig.from_pretrained(model),
                                    EngineConfig(model=str(model), dtype="bfloat16", kv_cache_dtype=kv))
     llm = engine(model, kv, kv_cache_gib=(len(ids) + 64) * per_token / 2**30)  # just this one sequence
     start = time.perf_counter()
-    out = generate(llm, [ids], SamplingParams(max_tokens=32, temperature=0, stop=["\n\n"]))[0]
+    spec = needle_spec(Path("unused.jsonl"), max_tokens=32)
+    out = generate(llm, [ids], SamplingParams(max_tokens=spec.max_tokens, temperature=0, stop=spec.stop))[0]
     seconds = time.perf_counter() - start
-    found = sum(p in out.text.lower() for p in KEY_PHRASES.split("|")) / 2
+    found = score_generate(spec, {"answer": KEY_PHRASES}, {"completions": [out.text]})["correct"]
     return {"tokens": len(ids), "context_limit": context_limit(llm.runner.model.config), "seconds": seconds,
             "prefill_tok_s": len(ids) / seconds, "kv_bytes_per_token": per_token,
             "kv_mib": per_token * len(ids) / 2**20, "score": found,

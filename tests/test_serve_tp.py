@@ -1,6 +1,7 @@
 """Tensor parallelism on this machine: two ranks (this process + one Ray actor) in a gloo group."""
 from __future__ import annotations
 
+import pytest
 from transformers import AutoTokenizer
 
 from internray.serve.config import EngineConfig
@@ -8,14 +9,17 @@ from internray.serve.engine.llm_engine import LLMEngine, generate
 from internray.serve.engine.sampling_params import SamplingParams
 
 
-def test_tp2_gives_the_same_tokens_and_logprobs_as_tp1(ray_cluster, tiny_llama_dir):
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_tp2_gives_the_same_tokens_and_logprobs_as_tp1(ray_cluster, tiny_llama_dir, kv_cache_dtype):
+    """Each rank caches its own heads; an int8 cache quantizes per head, so the split changes nothing."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     prompts = [tokenizer(p)["input_ids"] for p in ("def f(x):\n    return", "import os\nimport sys\n" * 4, "x")]
     params = SamplingParams(max_tokens=16, temperature=0, logprobs=1, ignore_eos=True)
     outputs = {}
     for tp in (1, 2):
         config = EngineConfig(model=str(tiny_llama_dir), tensor_parallel_size=tp, kv_cache_gib=0.01,
-                              block_size=4, max_num_batched_tokens=16, threads_per_rank=1)
+                              block_size=4, max_num_batched_tokens=16, threads_per_rank=1,
+                              kv_cache_dtype=kv_cache_dtype)
         engine = LLMEngine(config, cpus_per_rank=0.5, verbose=False)
         try:
             outputs[tp] = generate(engine, prompts, params)

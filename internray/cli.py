@@ -111,9 +111,9 @@ def serve_command(args) -> int:
         raise ConfigError("serve: give a MODEL_DIR or --config serve.yaml")
     config_dict = yaml.safe_load(Path(args.config).read_text()) if args.config else None
     config = serve_config(args.model_dir, config_dict, tensor_parallel_size=args.tp, kv_cache_gib=args.kv_cache_gib,
-                          kv_cache_dtype=args.kv_cache_dtype, served_name=args.served_name, max_model_len=args.max_model_len, dtype=args.dtype,
-                          device=args.device, host=args.host, port=args.port, api_keys=args.api_key,
-                          max_replicas=args.max_replicas)
+                          kv_cache_dtype=args.kv_cache_dtype, served_name=args.served_name,
+                          max_model_len=args.max_model_len, dtype=args.dtype, device=args.device, host=args.host,
+                          port=args.port, api_keys=args.api_key, max_replicas=args.max_replicas)
     for model in config.models:
         if not Path(model.model, "config.json").is_file():
             raise FileNotFoundError(f"serve: {model.model} is not an HF checkpoint directory (no config.json)")
@@ -264,7 +264,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a ServeConfig YAML (models: [...], server: {...}); flags override it")
     p.add_argument("--tp", type=int, help="tensor-parallel ranks per replica")
     p.add_argument("--kv-cache-gib", type=float, help="KV-cache memory per rank (default 1)")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], help="int8: quantized KV cache, ~2x the tokens of bf16")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "int8"],
+                   help="int8: quantized KV cache, ~2x the tokens of bf16")
     p.add_argument("--served-name", help="the model name clients send (default: the directory name)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])

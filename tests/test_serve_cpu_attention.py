@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from internray.serve.model import cpu_attention
-from internray.serve.model.kv_cache import KVCache, quantize_int8
+from internray.models.quantized import quantize_int8
+from internray.serve.model.kv_cache import KVCache
 
 
 @pytest.fixture(scope="module")

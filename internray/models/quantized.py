@@ -38,9 +38,11 @@ def quantization_config(config) -> dict | None:
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes int8 [out, in], scales [out]) with w ~= codes * scales[:, None]."""
-    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
-    codes = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    """Symmetric int8 over the last dimension: (codes int8, same shape; scales, one per row) with
+    w ~= codes * scales[..., None], within half a step per number. A weight [out, in] gets one
+    scale per output channel; the serve engine's int8 KV cache gets one per (token, head) vector."""
+    scales = w.abs().amax(dim=-1).clamp(min=1e-8) / 127
+    codes = torch.round(w / scales[..., None]).clamp(-127, 127).to(torch.int8)
     return codes, scales
 
 

@@ -11,8 +11,9 @@ from internray.serve.config import ServeConfig
 def serve_config(model_dirs: list[str], config_dict: dict | None = None, **flags) -> ServeConfig:
     """A ServeConfig from a config dict and/or model directories and command-line flags."""
     data = dict(config_dict or {})
-    engine_flags = {k: v for k, v in flags.items() if k in ("tensor_parallel_size", "kv_cache_gib", "kv_cache_dtype",
-                                                              "served_name", "max_model_len", "dtype", "device") and v is not None}
+    engine_keys = ("tensor_parallel_size", "kv_cache_gib", "kv_cache_dtype", "served_name", "max_model_len", "dtype",
+                   "device")
+    engine_flags = {k: v for k, v in flags.items() if k in engine_keys and v is not None}
     server_flags = {k: v for k, v in flags.items() if k in ("host", "port", "api_keys", "max_replicas",
                                                               "min_replicas") and v}
     if model_dirs:

@@ -50,8 +50,8 @@ class LLMEngine:
         capacity = num_blocks * config.block_size
         limit = context_limit(hf_config)
         if config.max_model_len and config.max_model_len > limit:
-            raise ValueError(f"max_model_len={config.max_model_len} exceeds this checkpoint's context of {limit} tokens "
-                             "(max_position_embeddings, x factor for dynamic NTK RoPE): positions past it were "
+            raise ValueError(f"max_model_len={config.max_model_len} exceeds this checkpoint's context of {limit} "
+                             "tokens (max_position_embeddings, x factor for dynamic NTK RoPE): positions past it were "
                              "never trained; declare rope_parameters scaling in config.json to extend it")
         self.max_model_len = min(config.max_model_len or limit, capacity)
         if self.max_model_len < 2:

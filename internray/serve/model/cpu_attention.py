@@ -54,13 +54,12 @@ static inline void axpy(float a, const T* v, float* acc, int64_t d) {
 // side (a token's keys then values, every KV head): an exact, max-subtracted softmax in fp32.
 template <typename C, typename T>
 static void attend(const float* qf, const C* context, int64_t len, int64_t H, int64_t Hkv, int64_t D,
-                   float* scores, float* acc, T* out) {
+                   float* scores, float* total, float* acc, T* out) {
   const int64_t G = H / Hkv, token_stride = 2 * Hkv * D;
   for (int64_t t = 0; t < len; ++t) {
     const C* k = context + t * token_stride;
     for (int64_t h = 0; h < H; ++h) scores[h * len + t] = dot(&qf[h * D], k + (h / G) * D, D);
   }
-  std::vector<float> total(H);
   for (int64_t h = 0; h < H; ++h) {
     float* s = &scores[h * len];
     const float m = *std::max_element(s, s + len);
@@ -97,7 +96,7 @@ static void run(const at::Tensor& q, const at::Tensor& cache, const at::Tensor* 
   T* op = out.data_ptr<T>();
   const int64_t max_len = *std::max_element(lp, lp + B);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(H * D), acc(H * D), scores(H * max_len);
+    std::vector<float> qf(H * D), acc(H * D), scores(H * max_len), total(H);
     std::vector<C> context(((max_len + block - 1) / block) * block_stride);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t len = lp[b], blocks = (len + block - 1) / block;
@@ -119,7 +118,7 @@ static void run(const at::Tensor& q, const at::Tensor& cache, const at::Tensor* 
         }
       }
       for (int64_t i = 0; i < H * D; ++i) qf[i] = static_cast<float>(qp[b * H * D + i]) * scale;
-      attend(qf.data(), context.data(), len, H, Hkv, D, scores.data(), acc.data(), op + b * H * D);
+      attend(qf.data(), context.data(), len, H, Hkv, D, scores.data(), total.data(), acc.data(), op + b * H * D);
     }
   });
 }

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-INT8_MAX = 127
+from internray.models.quantized import quantize_int8
 
 
 @dataclass
@@ -46,7 +46,7 @@ class KVCache:
         if self.scales is None:
             flat.index_copy_(0, slots, rows)
             return
-        codes, scales = quantize_int8(rows)
+        codes, scales = quantize_int8(rows.float())
         flat.index_copy_(0, slots, codes)
         self.scales.view(-1, *self.scales.shape[2:]).index_copy_(0, slots, scales)
 
@@ -61,14 +61,6 @@ class KVCache:
         return rows.view(batch, blocks * self.block_size, *self.data.shape[2:])
 
 
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 over the last dimension: codes (int8, same shape) and scales (fp32, one per
-    vector) with x ~= codes x scale to within half a step (scale / 2) per number."""
-    scales = x.abs().amax(-1).float().clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX
-    codes = torch.round(x.float() / scales[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return codes, scales
-
-
 def bytes_per_token_head(head_dim: int, dtype: torch.dtype, int8: bool) -> int:
     """Cache bytes one token takes per KV head and layer: keys + values (+ their scales)."""
-    return 2 * (head_dim + 4 if int8 else head_dim * dtype.itemsize)
+    return 2 * (head_dim + torch.float32.itemsize if int8 else head_dim * dtype.itemsize)

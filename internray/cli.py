@@ -280,7 +280,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. shard_size=64 model.batch_size=16")
     p.add_argument("--model", help="checkpoint directory or http(s) base URL of an OpenAI-compatible server")
     p.add_argument("--backend", choices=["auto", "hf", "openai"])
-    p.add_argument("--datasets", help="comma-separated: mmlu, humaneval, or benchmark spec YAML files")
+    p.add_argument("--datasets", help="comma-separated: mmlu, humaneval, needle, essays, or benchmark spec "
+                                         "YAML files")
     p.add_argument("--num-workers", type=int, help="Ray actors running tasks in parallel")
     p.add_argument("--limit", type=int, help="first N items of each dataset")
     p.add_argument("--root", help="where runs are written (default: ./runs)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +30,7 @@ from internray.eval.contamination import contamination_flags, item_text
 from internray.eval.judge import Judge
 from internray.eval.needle import NEEDLE
 from internray.eval.needle import make_items as make_needle_items
+from internray.eval.perplexity import PART_CHARS, essay_items
 from internray.eval.runner import run_eval
 from internray.eval.scoring import pass_at_k, score_code
 from internray.runs import read_manifest
@@ -88,6 +90,52 @@ def test_mmlu_loglikelihood_scores_equal_an_independent_computation(tmp_path, ti
     assert summary["score"] == pytest.approx(correct / 12) and summary["n"] == 12
     assert sum(c["n"] for c in summary["per_category"].values()) == 12
     assert (run.path("report.html")).is_file() and read_manifest(run.dir)["status"] == "complete"
+
+
+def perplexity_spec(tmp_path: Path, n: int = 6) -> Path:
+    """A user's held-out text as a perplexity benchmark: stdlib docstrings, each after its module name."""
+    paths = [p for p in sorted(offline.stdlib_dir().glob("*.py")) if len(p.read_text(errors="ignore").split('"""')) > 2]
+    items = [{"module": p.stem, "text": p.read_text(errors="ignore").split('"""')[1].strip()[:800]} for p in paths]
+    items = [item for item in items if len(item["text"]) > 200][:n]
+    data = tmp_path / "heldout.jsonl"
+    data.write_text("".join(json.dumps(item) + "\n" for item in items))
+    spec = tmp_path / "heldout.yaml"
+    spec.write_text(yaml.safe_dump({"name": "heldout", "path": str(data), "kind": "perplexity",
+                                    "template": "Module {module}:\n", "answer_field": "text", "group_field": "module"}))
+    return spec
+
+
+def test_perplexity_equals_an_independent_computation_over_the_whole_corpus(tmp_path, tiny_llama_dir):
+    run = run_eval(eval_config(tmp_path, str(tiny_llama_dir), [str(perplexity_spec(tmp_path))]))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    items = [json.loads(line) for line in (tmp_path / "heldout.jsonl").read_text().splitlines()]
+    total, tokens, text_bytes = 0.0, 0, 0
+    for item in items:  # the text's tokens are those starting at or after the end of the prompt
+        context = f"Module {item['module']}:\n"
+        enc = tokenizer(context + item["text"], return_offsets_mapping=True)
+        first = next(t for t, (start, _) in enumerate(enc["offset_mapping"]) if start >= len(context))
+        with torch.no_grad():
+            logprobs = model(torch.tensor([enc["input_ids"]])).logits[0].log_softmax(-1)
+        total += sum(float(logprobs[t - 1, enc["input_ids"][t]]) for t in range(first, len(enc["input_ids"])))
+        tokens += len(enc["input_ids"]) - first
+        text_bytes += len(item["text"].encode())
+    summary = results(run)["datasets"]["heldout"]
+    assert summary["metric"] == "perplexity" and summary["n"] == len(items) == 6 and summary["tokens"] == tokens
+    assert summary["score"] == pytest.approx(math.exp(-total / tokens), rel=1e-4)
+    assert summary["bits_per_byte"] == pytest.approx(-total / text_bytes / math.log(2), rel=1e-4)
+    assert summary["score"] > 100  # a random model over a 512-token vocabulary: near-uniform guesses
+    assert len(summary["per_category"]) == 6
+    report = run.path("report.md").read_text()
+    assert f"| heldout | perplexity | {summary['score']:.3f} |" in report and "bits per byte" in report
+
+
+def test_the_essays_are_cut_into_bounded_parts_that_keep_all_their_text():
+    items = essay_items()
+    assert len(items) > 50 and all(len(i["text"]) <= PART_CHARS * 1.5 for i in items)
+    for name in {i["essay"] for i in items}:
+        whole = "".join(offline.material(f"essay_{name}").read_text(encoding="utf-8").split())
+        assert "".join("".join(i["text"] for i in items if i["essay"] == name).split()) == whole
 
 
 def test_unusable_records_are_skipped_with_a_reason_not_scored():
@@ -356,6 +404,15 @@ def test_local_and_served_backends_give_the_same_scores(tmp_path, tiny_llama_dir
         assert a[key] == pytest.approx(b[key], abs=1e-3)
     assert [r["pred"] for r in item_rows(local, "mmlu")] == [r["pred"] for r in item_rows(served, "mmlu")]
     assert results(local)["datasets"]["mmlu"]["score"] == results(served)["datasets"]["mmlu"]["score"]
+
+
+@pytest.mark.slow
+def test_perplexity_is_the_same_locally_and_served(tmp_path, tiny_llama_dir, openai_server):
+    spec = str(perplexity_spec(tmp_path))
+    local = results(run_eval(eval_config(tmp_path / "local", str(tiny_llama_dir), [spec])))["datasets"]["heldout"]
+    served = results(run_eval(eval_config(tmp_path / "served", openai_server.url, [spec])))["datasets"]["heldout"]
+    assert local["tokens"] == served["tokens"]
+    assert served["score"] == pytest.approx(local["score"], rel=1e-4)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -28,6 +29,15 @@ class Generation:
     seed: int = 0
 
 
+class Score(NamedTuple):
+    """A continuation's sum of token logprobs, whether greedy decoding would produce it, and its
+    token count (what perplexity divides by)."""
+
+    logprob: float
+    greedy: bool
+    tokens: int
+
+
 class HFBackend:
     """A local HF checkpoint, batched; runs inside an eval worker actor."""
 
@@ -42,8 +52,8 @@ class HFBackend:
         self.model = AutoModelForCausalLM.from_pretrained(model.path_or_url, dtype=getattr(torch, model.dtype))
         self.model.to(self.device).eval()
 
-    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-        """(sum of the continuation's token logprobs, whether greedy decoding would produce it).
+    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[Score]:
+        """Each (context, continuation)'s Score.
 
         Requests whose continuation is a single token after the same context tokens (a multiple-
         choice question's " A".." D") share one forward pass over the context: its last position
@@ -58,7 +68,7 @@ class HFBackend:
                 rows.append((tokens, [(i, first, tokens[first:])]))
         rows += [(list(context), members) for context, members in shared.items()]
         rows.sort(key=lambda row: -len(row[0]))  # similar lengths batch together
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        results: list[Score | None] = [None] * len(requests)
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start:start + self.batch_size]
             ids = torch.full((len(batch), len(batch[0][0])), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -70,8 +80,8 @@ class HFBackend:
                 for i, first, targets in members:
                     scores = logprobs[r, first - 1:first - 1 + len(targets)]
                     target = torch.tensor(targets)
-                    results[i] = (float(scores.gather(1, target[:, None]).sum()),
-                                  bool((scores.argmax(-1) == target).all()))
+                    results[i] = Score(float(scores.gather(1, target[:, None]).sum()),
+                                       bool((scores.argmax(-1) == target).all()), len(targets))
         return results
 
     def _encode(self, context: str, continuation: str) -> tuple[list[int], int]:
@@ -116,10 +126,10 @@ class OpenAIBackend(OpenAIClient):
         self.chat = model.chat
         self.pool = ThreadPoolExecutor(model.max_concurrency)
 
-    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[Score]:
         return list(self.pool.map(lambda r: self._loglikelihood(*r), requests))
 
-    def _loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
+    def _loglikelihood(self, context: str, continuation: str) -> Score:
         # lm-eval's request: echo the prompt with its logprobs. One token is generated because not
         # every server accepts max_tokens=0; it lies past usage.prompt_tokens and is ignored.
         body = {"model": self.name, "prompt": context + continuation, "max_tokens": 1, "temperature": 0,
@@ -131,7 +141,7 @@ class OpenAIBackend(OpenAIClient):
         if not picked:
             raise ValueError(f"continuation {continuation!r} has no token of its own after the context")
         greedy = all(max(lp["top_logprobs"][i], key=lp["top_logprobs"][i].get) == lp["tokens"][i] for i in picked)
-        return sum(lp["token_logprobs"][i] for i in picked), greedy
+        return Score(sum(lp["token_logprobs"][i] for i in picked), greedy, len(picked))
 
     def generate(self, prompts: list[str], gen: Generation) -> list[list[str]]:
         def one(prompt: str) -> list[str]:

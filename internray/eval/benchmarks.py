@@ -8,6 +8,8 @@ A benchmark is a `BenchmarkSpec` (a YAML file users write without code, or a bui
   scored by the key phrases it contains (needle in a haystack, `needle.py`).
 - `code`: the completion is appended to the prompt and the item's tests run in the sandbox
   (pass@k, HumanEval's protocol).
+- `perplexity`: the item's text (`answer_field`) is scored after the prompt; token perplexity and
+  bits per byte over the whole set (`perplexity.py`).
 Prompts are Python format strings over the item's fields. Few-shot examples come from the same
 file (same `group_field` value when there is one, never the item itself), chosen deterministically,
 so a prompt is a pure function of (spec, item): the first thing reproducible scores need.
@@ -31,14 +33,15 @@ from internray.config import ConfigError, Section, validate_config
 class BenchmarkSpec(Section):
     name: str
     path: str = Field(description="JSONL / JSONL.gz / JSON-list file, or offline:<material> (internray.offline)")
-    kind: Literal["choice", "generate", "code"]
+    kind: Literal["choice", "generate", "code", "perplexity"]
     template: str = Field(description="the question, a format string over the item's fields")
     preamble: str = Field("", description="written once before the few-shot examples; may use item fields")
     few_shot: int = Field(0, ge=0)
     group_field: str | None = Field(None, description="field grouping items (subject): few-shot pool and "
                                                       "per-category scores")
     answer_field: str = Field("answer", description="choice: the gold label; generate: the gold answer (a "
-                                                    "reference, for a judged one); code: the reference solution")
+                                                    "reference, for a judged one); code: the reference solution; "
+                                                    "perplexity: the text scored")
     labels: list[str] = Field(default_factory=list, description="choice: the answer labels, e.g. [A, B, C, D]")
     choice_fields: list[str] = Field(default_factory=list, description="choice: the fields holding the options, "
                                                                        "in label order (the order test permutes them)")

@@ -67,8 +67,8 @@ class JudgeSection(Section):
 
 class EvalConfig(Section):
     model: ModelSection
-    datasets: list[str] = Field(min_length=1, description="builtin names (mmlu, humaneval, needle) or benchmark "
-                                                          "spec YAML files")
+    datasets: list[str] = Field(min_length=1, description="builtin names (mmlu, humaneval, needle, essays) or "
+                                                          "benchmark spec YAML files")
     limit: int | None = Field(None, ge=1, description="first N items of each dataset (after a seeded shuffle "
                                                       "when shuffle is on)")
     shuffle: bool = Field(False, description="sample the `limit` items at random (seeded) instead of the first")

@@ -23,6 +23,7 @@ from typing import Any
 RESULTS = "results.json"
 NEEDLE_HEATMAP = Path("needle") / "heatmap.png"
 SUMMARY_HEADERS = ["dataset", "metric", "score", "n", "contamination rate", "failed tasks"]
+LOWER_IS_BETTER = {"perplexity"}
 CSV_FIELDS = ["run_id", "model", "backend", "dataset", "metric", "score", "n", "contamination_rate", "failed_tasks"]
 MISSING = "-"
 
@@ -52,7 +53,8 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     _write_csv(paths["csv"], CSV_FIELDS, _csv_rows(results))
 
     datasets = results["datasets"]
-    _bar_chart({name: d["score"] for name, d in datasets.items() if d["score"] is not None},
+    _bar_chart({name: d["score"] for name, d in datasets.items()
+                if d["score"] is not None and d["metric"] not in LOWER_IS_BETTER},
                paths["png"], title=f"{model}: eval scores")
 
     body = [f"<h1>Eval report: {html.escape(model)}</h1>",
@@ -75,25 +77,25 @@ def leaderboard(root: Path, out_dir: Path | None = None) -> dict[str, Path]:
     Re-running one benchmark for a model should replace only that cell, so "latest" is decided
     per (model, dataset) by the run's `created` time, not per run. Directories without a
     results.json (other stages, unfinished evals) are skipped. In the CSV a missing cell is empty
-    and scores are raw fractions, so it loads as numbers; Markdown and HTML show "-" and percent.
+    and scores are raw numbers, so it loads as numbers; Markdown and HTML show "-", percent and perplexity.
     """
     root = Path(root)
     out_dir = Path(out_dir) if out_dir is not None else root
-    best: dict[tuple[str, str], tuple[dt.datetime, str, float | None]] = {}
+    best: dict[tuple[str, str], tuple[dt.datetime, str, float | None, str]] = {}
     for path in sorted(root.glob(f"*/{RESULTS}")):
         results = json.loads(path.read_text(encoding="utf-8"))
         created = dt.datetime.fromisoformat(results["created"])
         for dataset, d in results["datasets"].items():
             key = (results["model"]["name"], dataset)
-            candidate = (created, results["run_id"], d["score"])
+            candidate = (created, results["run_id"], d["score"], d["metric"])
             if key not in best or candidate[:2] > best[key][:2]:
                 best[key] = candidate
 
     models = sorted({m for m, _ in best})
     datasets = sorted({d for _, d in best})
-    scores = {key: score for key, (_, _, score) in best.items()}
-    shown = (["model", *datasets],
-             [[m, *(_pct(scores[(m, d)]) if (m, d) in scores else MISSING for d in datasets)] for m in models])
+    scores = {key: score for key, (_, _, score, _) in best.items()}
+    shown = (["model", *datasets], [[m, *(_score(best[(m, d)][3], scores[(m, d)]) if (m, d) in scores else MISSING
+                                          for d in datasets)] for m in models])
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": out_dir / "leaderboard.md", "csv": out_dir / "leaderboard.csv", "html": out_dir / "leaderboard.html"}
@@ -141,7 +143,7 @@ def needle_heatmap(scores: dict[tuple[int, float], float], out: Path, title: str
 # --- rows shared by the Markdown, CSV and HTML views ---
 
 def _summary(results: dict[str, Any]) -> Table:
-    rows = [[name, d["metric"], _pct(d["score"]), str(d["n"]), _pct(_contamination_rate(d)),
+    rows = [[name, d["metric"], _score(d["metric"], d["score"]), str(d["n"]), _pct(_contamination_rate(d)),
              str(len(d["failed_tasks"]))]
             for name, d in results["datasets"].items()]
     return SUMMARY_HEADERS, rows
@@ -153,8 +155,10 @@ def _category_tables(results: dict[str, Any]) -> list[tuple[str, Table]]:
     for name, d in results["datasets"].items():
         if not d.get("per_category"):
             continue
-        ranked = sorted(d["per_category"].items(), key=lambda item: (-item[1]["score"], item[0]))
-        tables.append((name, (["category", "score", "n"], [[c, _pct(v["score"]), str(v["n"])] for c, v in ranked])))
+        sign = 1 if d["metric"] in LOWER_IS_BETTER else -1
+        ranked = sorted(d["per_category"].items(), key=lambda item: (sign * item[1]["score"], item[0]))
+        tables.append((name, (["category", "score", "n"],
+                              [[c, _score(d["metric"], v["score"]), str(v["n"])] for c, v in ranked])))
     return tables
 
 
@@ -169,6 +173,8 @@ def _notes(results: dict[str, Any]) -> list[str]:
         if order := c.get("order_test"):
             notes.append(f"{name} {order['method']}: published order likeliest for {order['rate']:.1%} of "
                          f"{order['items']} items (chance {order['chance_rate']:.1%}, p = {order['p_value']:.2g})")
+        if "bits_per_byte" in d:
+            notes.append(f"{name}: {d['tokens']} tokens scored, {d['bits_per_byte']:.4f} bits per byte")
         if d["failed_tasks"]:
             notes.append(f"{name} failed tasks: {', '.join(d['failed_tasks'])}")
     return notes
@@ -192,6 +198,11 @@ def _timing(results: dict[str, Any]) -> list[str]:
 
 def _contamination_rate(d: dict[str, Any]) -> float | None:
     return (d.get("contamination") or {}).get("rate")
+
+
+def _score(metric: str, x: float | None) -> str:
+    """Fractions (accuracy, pass@k...) in percent; perplexity as the number it is."""
+    return f"{x:.3f}" if metric in LOWER_IS_BETTER and x is not None else _pct(x)
 
 
 def _pct(x: float | None) -> str:

@@ -35,6 +35,7 @@ from internray.eval.contamination import contamination_flags, order_test, order_
 from internray.eval.judge import Judge
 from internray.eval.needle import cell_scores, needle_spec, write_items
 from internray.eval.needle import make_items as make_needle_items
+from internray.eval.perplexity import bits_per_byte, corpus_perplexity, essays_spec
 from internray.eval.report import needle_heatmap, write_report
 from internray.eval.scoring import score_choice, score_code, score_generate
 from internray.runs import Run, open_run, write_jsonl
@@ -72,11 +73,15 @@ class EvalWorker:
             pairs = [(r["prompt"], c) for r in requests for c in continuations]
             scores = self.backend.loglikelihood(pairs)
             k = len(continuations)
-            return [{"id": r["id"], "loglikelihoods": [s for s, _ in scores[i * k:(i + 1) * k]],
-                     "greedy": [g for _, g in scores[i * k:(i + 1) * k]]} for i, r in enumerate(requests)]
+            return [{"id": r["id"], "loglikelihoods": [s.logprob for s in scores[i * k:(i + 1) * k]],
+                     "greedy": [s.greedy for s in scores[i * k:(i + 1) * k]]} for i, r in enumerate(requests)]
+        if task["kind"] == "perplexity":
+            scores = self.backend.loglikelihood([(r["prompt"], r["text"]) for r in requests])
+            return [{"id": r["id"], "logprob": s.logprob, "tokens": s.tokens}
+                    for r, s in zip(requests, scores, strict=True)]
         if task["kind"] == "texts":  # the order test: each request scores its own (context, text) pairs
             scores = iter(self.backend.loglikelihood([tuple(p) for r in requests for p in r["pairs"]]))
-            return [{"id": r["id"], "loglikelihoods": [next(scores)[0] for _ in r["pairs"]]} for r in requests]
+            return [{"id": r["id"], "loglikelihoods": [next(scores).logprob for _ in r["pairs"]]} for r in requests]
         completions = self.backend.generate([r["prompt"] for r in requests], Generation(**task["generation"]))
         return [{"id": r["id"], "prompt": r["prompt"], "completions": c} for r, c in zip(requests, completions, strict=True)]
 
@@ -86,7 +91,12 @@ def run_eval(config: EvalConfig) -> Run:
     log(run, f"{'resumed' if run.resumed else 'started'} in {run.dir}")
     benchmarks = {}
     for name in config.datasets:
-        spec = needle_benchmark(run, config) if name == "needle" else load_spec(name)
+        if name == "needle":
+            spec = needle_benchmark(run, config)
+        elif name == "essays":
+            spec = essays_spec(run.dir)
+        else:
+            spec = load_spec(name)
         pool, skipped = check_items(spec, load_items(spec))
         if skipped:  # counted, written aside with the reason, and left out: never a crash after inference
             write_jsonl(run.path("skipped", f"{spec.name}.jsonl"), skipped)
@@ -158,12 +168,14 @@ def make_tasks(spec: BenchmarkSpec, items: list[dict], prompter: Prompter, confi
     base = {"kind": spec.kind}
     if spec.kind == "choice":
         base["continuations"] = prompter.continuations()
-    else:
+    elif spec.kind != "perplexity":
         base["generation"] = {"max_tokens": spec.max_tokens, "stop": tuple(spec.stop), "temperature": spec.temperature,
                               "n": spec.num_samples, "seed": config.seed}
     tasks = []
     for shard, start in enumerate(range(0, len(items), config.shard_size)):
-        requests = [{"id": item["id"], "prompt": prompter.prompt(item)} for item in items[start:start + config.shard_size]]
+        requests = [{"id": item["id"], "prompt": prompter.prompt(item)}
+                    | ({"text": item[spec.answer_field]} if spec.kind == "perplexity" else {})
+                    for item in items[start:start + config.shard_size]]
         tasks.append(Task(spec.name, shard, base | {"requests": requests}))
     return tasks
 
@@ -261,6 +273,9 @@ def score_dataset(run: Run, spec: BenchmarkSpec, items: list[dict], config: Eval
         scores = judge_answers(spec, scored_items, preds, config)
     elif spec.kind == "generate":
         scores = [score_generate(spec, item, p) for item, p in zip(scored_items, preds, strict=True)]
+    elif spec.kind == "perplexity":
+        scores = [{"logprob": p["logprob"], "tokens": p["tokens"], "bytes": len(item[spec.answer_field].encode())}
+                  for item, p in zip(scored_items, preds, strict=True)]
     else:
         scores = score_code(spec, scored_items, preds, limits)
     flags = None
@@ -276,19 +291,22 @@ def score_dataset(run: Run, spec: BenchmarkSpec, items: list[dict], config: Eval
         rows.append(row)
     write_jsonl(run.path("results", f"{spec.name}.jsonl"), rows)
     metric = {"choice": "accuracy", "generate": "exact_match" if spec.match == "exact" else "key_phrase_recall",
-              "code": f"pass@{spec.k[0]}"}[spec.kind]
+              "code": f"pass@{spec.k[0]}", "perplexity": "perplexity"}[spec.kind]
     if spec.judged:
         metric = f"judge_{config.judge.mode}"
         unparsed = sum(r["correct"] is None for r in rows)
         rows = [r for r in rows if r["correct"] is not None]  # unparseable verdicts are counted, not zeroed
     value_key = metric if spec.kind == "code" else "correct"
-    summary = {"metric": metric, "score": mean(float(r[value_key]) for r in rows), "n": len(rows),
+    aggregate = corpus_perplexity if spec.kind == "perplexity" else lambda rs: mean(float(r[value_key]) for r in rs)
+    summary = {"metric": metric, "score": aggregate(rows), "n": len(rows),
                "failed_tasks": failed_tasks, "per_category": {}, "contamination": None}
     if spec.judged:
         summary["judge_unparsed"] = unparsed
+    if spec.kind == "perplexity":
+        summary |= {"tokens": sum(r["tokens"] for r in rows), "bits_per_byte": bits_per_byte(rows)}
     for group in sorted({r["group"] for r in rows if "group" in r}):
         members = [r for r in rows if r.get("group") == group]
-        summary["per_category"][group] = {"score": mean(float(r[value_key]) for r in members), "n": len(members)}
+        summary["per_category"][group] = {"score": aggregate(members), "n": len(members)}
     if flags is not None:
         dirty = [r for r in rows if r["contaminated"]]
         clean = [r for r in rows if not r["contaminated"]]
@@ -296,8 +314,8 @@ def score_dataset(run: Run, spec: BenchmarkSpec, items: list[dict], config: Eval
             "method": f"n-gram overlap with data run {Path(config.contamination.data_run).name}",
             "threshold": config.contamination.threshold, "rate": len(dirty) / max(len(rows), 1),
             "contaminated_items": len(dirty),
-            "score_contaminated": mean(float(r[value_key]) for r in dirty) if dirty else None,
-            "score_clean": mean(float(r[value_key]) for r in clean) if clean else None}
+            "score_contaminated": aggregate(dirty) if dirty else None,
+            "score_clean": aggregate(clean) if clean else None}
     order = read_predictions(run.path("predictions", f"{spec.name}.order"))
     if config.contamination.order_test and order:
         lls = [order[item["id"]]["loglikelihoods"] for item in scored_items if item["id"] in order]

@@ -2,7 +2,8 @@
 
 int8 rounds each output channel's weights to the nearest of 255 levels: no data needed. awq-int4
 first measures activations on calibration text (a sample of the data stage's corpus), searches
-and folds AWQ scales (awq.py), then rounds groups of `group_size` input channels to 16 levels.
+and folds AWQ scales (awq.py), then rounds groups of `group_size` input channels to 16 levels,
+with GPTQ's error compensation (gptq.py) unless `rounding: nearest`.
 The run's manifest records the model, the calibration data with its content hash, and per group
 the chosen exponent, so a quantized checkpoint traces back to the text it was calibrated on.
 """
@@ -19,6 +20,7 @@ from internray.models.quantized import QUANT_METHOD, QUANTIZED_MODULES, quantize
 from internray.offline import stdlib_dir
 from internray.quant.awq import apply_scale, collect_input_stats, scale_groups, search_clip, search_scale
 from internray.quant.config import CalibrationSection, QuantConfig
+from internray.quant.gptq import gptq_layers
 from internray.runs import Run, content_hash, open_run, write_json
 
 
@@ -32,20 +34,24 @@ def run_quantize(config: QuantConfig) -> Run:
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     layers = _decoder_layers(model)
     quant = {"quant_method": QUANT_METHOD, "method": config.method, "modules": list(QUANTIZED_MODULES)}
-    started = time.monotonic()
+    started, codes = time.monotonic(), {}
     if config.method == "awq-int4":
         _check_group_size(layers, config.group_size)
         source, files = calibration_source(config.calibration)
         run.add_input(source, role="calibration", files=files)
         batches = token_windows(tokenizer, calibration_texts(source, files), config.calibration)
         alphas = awq_scale(model, layers, batches, config)
+        if config.rounding == "gptq":
+            names = [name for name, m in layers[0].named_modules() if name.rsplit(".", 1)[-1] in QUANTIZED_MODULES]
+            codes = gptq_layers(model, layers, batches, names, config.group_size)
         quant |= {"group_size": config.group_size, "calibration": {
             "data": str(source), "sha256": content_hash(source, files), "samples": len(batches),
-            "seq_len": config.calibration.seq_len, "seed": config.calibration.seed}, "clip": config.clip}
+            "seq_len": config.calibration.seq_len, "seed": config.calibration.seed}, "clip": config.clip,
+            "rounding": config.rounding}
         run.update(metrics={"awq_mean_alpha": round(sum(alphas.values()) / len(alphas), 4)})
         write_json(run.path("awq_alphas.json"), alphas)
     out = Path(config.out) if config.out else run.path("hf")
-    dense_bytes, quant_bytes = write_checkpoint(model, tokenizer, quant, config, out)
+    dense_bytes, quant_bytes = write_checkpoint(model, tokenizer, quant, config, out, codes)
     run.add_output("hf", out)
     run.update(metrics={"linear_bytes_dense_fp32": dense_bytes, "linear_bytes_quantized": quant_bytes,
                         "seconds": round(time.monotonic() - started, 1)})
@@ -104,11 +110,14 @@ def awq_scale(model, layers, batches: list[torch.Tensor], config: QuantConfig) -
     return alphas
 
 
-def write_checkpoint(model, tokenizer, quant: dict, config: QuantConfig, out: Path) -> tuple[int, int]:
+def write_checkpoint(model, tokenizer, quant: dict, config: QuantConfig, out: Path,
+                     codes: dict | None = None) -> tuple[int, int]:
     """Save the quantized state dict, config and tokenizer; (fp32 bytes, quantized bytes) of the
-    quantized linears as the engine holds them (int4: two codes per byte once packed)."""
+    quantized linears as the engine holds them (int4: two codes per byte once packed). `codes`
+    holds int4 codes already chosen for some linears (GPTQ's); the rest are rounded here."""
     from safetensors.torch import save_file
 
+    chosen = {f"{name}.": codes[m] for name, m in model.named_modules() if m in (codes or {})}
     tensors, dense_bytes, quant_bytes = {}, 0, 0
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
@@ -118,13 +127,13 @@ def write_checkpoint(model, tokenizer, quant: dict, config: QuantConfig, out: Pa
             prefix = name.removesuffix("weight")
             dense_bytes += tensor.numel() * 4
             if config.method == "int8":
-                codes, scales = quantize_int8(tensor.float())
-                tensors |= {prefix + "qweight": codes, prefix + "scales": scales}
-                quant_bytes += codes.numel() + scales.numel() * 4
+                q, scales = quantize_int8(tensor.float())
+                tensors |= {prefix + "qweight": q, prefix + "scales": scales}
+                quant_bytes += q.numel() + scales.numel() * 4
             else:
-                codes, scales, zeros = quantize_int4(tensor.float(), config.group_size)
-                tensors |= {prefix + "qweight": codes, prefix + "scales": scales, prefix + "zeros": zeros}
-                quant_bytes += codes.numel() // 2 + (scales.numel() + zeros.numel()) * 4
+                q, scales, zeros = chosen.get(prefix) or quantize_int4(tensor.float(), config.group_size)
+                tensors |= {prefix + "qweight": q, prefix + "scales": scales, prefix + "zeros": zeros}
+                quant_bytes += q.numel() // 2 + (scales.numel() + zeros.numel()) * 4
         else:
             tensors[name] = tensor
     out.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,9 @@ by `run_quantize` in this run; and dense bf16 with an int8 KV cache, for speed a
    tokens) and at batch --batch; the bytes held by the decoder linears' weights (int4: codes
    packed two per byte, with scales and zeros; embedding and LM head are not quantized and not
    counted), all the weights' bytes, and the process's resident memory after serving (torch's own
-   ~0.3 GiB included). RSS is a loose measure here: pages freed after loading (a quantized
-   checkpoint's one-code-per-byte tensors before packing) stay in the C heap, so it need not
-   follow the weights' bytes; no peak RSS either, since Linux carries ru_maxrss across exec and a
-   spawned child would report the parent's.
+   ~0.3 GiB and the KV-cache pages touched included; the loader hands freed heap back to the OS,
+   `loader.release_freed_heap`). No peak RSS: Linux carries ru_maxrss across exec, so a spawned
+   child would report its parent's.
 3. The largest batch each variant sustains in a fixed memory budget (--budget-gib for weights and
    KV cache together, as LMDeploy sizes its cache from what the weights leave free): the KV cache
    gets the budget minus the bytes the engine's weights take (all of them: embedding, norms and a

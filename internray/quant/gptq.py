@@ -59,11 +59,14 @@ def gptq_layers(model: nn.Module, layers: list[nn.Module], batches: list[torch.T
         linears = {name: layer.get_submodule(name) for name in names}
         hessians = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
         rows = dict.fromkeys(names, 0)
+        last = {}  # q/k/v (and gate/up) are called on one input tensor: its 2 X^T X is computed once
 
         def accumulate(name, x):
-            x = x.reshape(-1, x.shape[-1]).float()
-            hessians[name].addmm_(x.T, x, alpha=2)
-            rows[name] += x.shape[0]
+            if last.get("input") is not x:
+                flat = x.reshape(-1, x.shape[-1]).float()
+                last.update(input=x, gram=2 * flat.T @ flat, rows=flat.shape[0])
+            hessians[name] += last["gram"]
+            rows[name] += last["rows"]
 
         hooks = [m.register_forward_pre_hook(lambda _, args, name=name: accumulate(name, args[0]))
                  for name, m in linears.items()]
@@ -73,6 +76,7 @@ def gptq_layers(model: nn.Module, layers: list[nn.Module], batches: list[torch.T
         finally:
             for hook in hooks:
                 hook.remove()
+            last.clear()
         for name, linear in linears.items():
             q = gptq_quantize(linear.weight.float(), hessians[name] / rows[name], group_size, damp)
             codes[linear] = q

@@ -1,6 +1,7 @@
 """Load an HF checkpoint directory (safetensors) into this rank's shard of the paged model."""
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -69,7 +70,20 @@ def load_model(model_dir: str | Path, tp: TPInfo, dtype: torch.dtype, device: to
     model = model.to(device).eval()
     if qconfig is not None:
         prepare_quantized_linears(model, dtype)
+    release_freed_heap()
     return model
+
+
+def release_freed_heap() -> None:
+    """Hand the C heap's free pages back to the OS. Loading frees a lot (each tensor's staging
+    copy; a quantized checkpoint's one-code-per-byte tensors once packed for the kernel), and
+    glibc keeps freed blocks in its arenas, so a server would otherwise stay as large as its
+    loading peak: SmolLM2-135M AWQ-int4 went from 857 to 670 MiB resident (bf16: 832 to 811).
+    glibc only; elsewhere nothing to do."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _files(model_dir: Path) -> Iterator[tuple[str, str, object]]:

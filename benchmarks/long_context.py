@@ -143,22 +143,14 @@ def longest(model: Path, kv: str, tokenizer, args) -> dict:
 
 
 def capacity(model: Path, kv: str, tokenizer, args) -> dict:
-    """Distinct prompts (no shared prefix to cache), stepped by hand to see how many run at once."""
+    """Distinct haystack prompts (no shared prefix to cache) through serve.run_capacity."""
+    from serve import run_capacity
+
     from internray.eval.needle import haystack
-    from internray.serve.engine.sampling_params import SamplingParams
 
     ids = tokenizer(haystack())["input_ids"]
-    llm = engine(model, kv, args.batch_gib)
-    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
-    for i in range(args.batch):
-        llm.add_request(str(i), ids[i * args.batch_prompt:(i + 1) * args.batch_prompt], params)
-    most, new_tokens, start = 0, 0, time.perf_counter()
-    while llm.has_work:
-        new_tokens += len(llm.step())
-        most = max(most, len(llm.scheduler.running))
-    seconds = time.perf_counter() - start
-    return {"kv_tokens": llm.blocks.num_blocks * llm.config.block_size, "most_running": most,
-            "seconds": seconds, "tok_s": new_tokens / seconds, "preemptions": llm.scheduler.num_preemptions}
+    prompts = [ids[i * args.batch_prompt:(i + 1) * args.batch_prompt] for i in range(args.batch)]
+    return run_capacity(engine(model, kv, args.batch_gib), prompts)
 
 
 def main() -> None:

@@ -93,12 +93,13 @@ def resident_mib() -> float:
 
 
 def capacity(path: str, kv_cache_dtype: str, budget_gib: float, requests: int, weight_bytes: int) -> dict:
-    """Requests stepped by hand through an engine whose KV cache is what `weight_bytes` leaves of
-    the budget: the most sequences running at once, and generated tokens/s."""
+    """`requests` distinct stdlib prompts of 256 tokens through an engine whose KV cache is what
+    `weight_bytes` leaves of the budget (serve.run_capacity)."""
+    from serve import run_capacity
+
     from internray.offline import stdlib_dir
     from internray.serve.config import EngineConfig
     from internray.serve.engine.llm_engine import LLMEngine
-    from internray.serve.engine.sampling_params import SamplingParams
 
     kv_gib = budget_gib - weight_bytes / 2**30
     if kv_gib <= 0:
@@ -107,15 +108,7 @@ def capacity(path: str, kv_cache_dtype: str, budget_gib: float, requests: int, w
                                     max_num_seqs=requests), verbose=False)
     text = "".join(p.read_text() for p in sorted(stdlib_dir().glob("*.py"))[:60])
     ids = engine.tokenizer(text)["input_ids"]
-    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
-    for i in range(requests):
-        engine.add_request(str(i), ids[i * 256:(i + 1) * 256], params)
-    most, new_tokens, start = 0, 0, time.perf_counter()
-    while engine.has_work:
-        new_tokens += len(engine.step())
-        most = max(most, len(engine.scheduler.running))
-    return {"kv_gib": kv_gib, "kv_tokens": engine.blocks.num_blocks * engine.config.block_size, "most_running": most,
-            "tok_s": new_tokens / (time.perf_counter() - start), "preemptions": engine.scheduler.num_preemptions}
+    return {"kv_gib": kv_gib} | run_capacity(engine, [ids[i * 256:(i + 1) * 256] for i in range(requests)])
 
 
 def speed_and_memory(path: str, kv_cache_dtype: str, tokens: int, batch: int, budget_gib: float,

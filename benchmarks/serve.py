@@ -198,6 +198,24 @@ def describe(model_dir: Path) -> dict:
 
 # -- offline ----------------------------------------------------------------------------------
 
+def run_capacity(engine, prompts: list[list[int]], max_tokens: int = 64) -> dict:
+    """All `prompts` added to an `LLMEngine` at once and stepped by hand to the end: how many
+    sequences its KV cache let run together (the rest wait or are preempted), and generated tok/s.
+    benchmarks/quant.py and long_context.py size the cache; this measures what it holds."""
+    from internray.serve.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    most, new_tokens, start = 0, 0, time.perf_counter()
+    while engine.has_work:
+        new_tokens += len(engine.step())
+        most = max(most, len(engine.scheduler.running))
+    seconds = time.perf_counter() - start
+    return {"kv_tokens": engine.blocks.num_blocks * engine.config.block_size, "most_running": most,
+            "seconds": seconds, "tok_s": new_tokens / seconds, "preemptions": engine.scheduler.num_preemptions}
+
+
 def run_internray_offline(model_dir: Path, prompts: list[list[int]], args) -> dict:
     from internray.serve.config import EngineConfig
     from internray.serve.engine.llm_engine import LLM

@@ -55,12 +55,15 @@ class Rollout:
     ids: torch.Tensor  # prompt + completion, right-padded
     labels: torch.Tensor  # completion tokens; IGNORE on prompt and padding
     rewards: torch.Tensor  # one per completion
-    seconds: float
+    seconds: float  # waiting for the completions, the weight refresh included
+    sync_seconds: float  # of which: the rollout actor taking the new weights
     response_lengths: list[int]
 
     def metrics(self) -> dict[str, float]:
-        return {"reward_mean": float(self.rewards.mean()), "reward_std": float(self.rewards.std()) if len(self.rewards) > 1 else 0.0,
-                "response_length": sum(self.response_lengths) / len(self.response_lengths), "rollout_s": self.seconds}
+        return {"reward_mean": float(self.rewards.mean()),
+                "reward_std": float(self.rewards.std()) if len(self.rewards) > 1 else 0.0,
+                "response_length": sum(self.response_lengths) / len(self.response_lengths), "rollout_s": self.seconds,
+                "weight_sync_s": self.sync_seconds}
 
 
 class OnlineRL(Objective):
@@ -104,8 +107,10 @@ class OnlineRL(Objective):
         prompts, answers = batch
         seed = hash((self.config.training.seed, self.rollouts, self.rank)) % 2**31  # ints hash the same in every process
         self.rollouts += 1
-        started = time.perf_counter()
-        completions = ray.get(self.pool.worker(self.rank).generate.remote(
+        worker, started = self.pool.worker(self.rank), time.perf_counter()
+        ray.get(worker.sync.remote(self.version))  # also done by `generate`; here to time it apart
+        synced = time.perf_counter()
+        completions = ray.get(worker.generate.remote(
             prompts, rl.group_size, rl.max_new_tokens, rl.temperature, rl.top_p, self.version, seed))
         seconds = time.perf_counter() - started
         prompt_of = [p for p in prompts for _ in range(rl.group_size)]
@@ -114,7 +119,7 @@ class OnlineRL(Objective):
         rewards = torch.tensor(self.rewards(rows, completions, [a for a in answers for _ in range(rl.group_size)]))
         self.probe = rows[0]
         ids, labels = (t.to(engine.device) for t in pad_rows(rows, targets, self.pad_id))
-        return Rollout(ids, labels, rewards, seconds, [len(c["token_ids"]) for c in completions])
+        return Rollout(ids, labels, rewards, seconds, synced - started, [len(c["token_ids"]) for c in completions])
 
     def rewards(self, rows: list[list[int]], completions: list[dict], answers: list[str]) -> list[float]:
         rl = self.config.align.rl

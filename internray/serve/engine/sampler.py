@@ -36,6 +36,16 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token from `probs` by inverse CDF: a single uniform number (from the sequence's own
+    generator when it has one) located in the running sum. It is the distribution torch.multinomial
+    draws from, at a twentieth of its cost on CPU over a 49k vocabulary (about 55 vs 1,150 us: it was
+    a sixth of a sampled decode step). `right=True` never lands on a token of probability 0."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(1, generator=generator).to(probs.device) * cdf[-1]
+    return min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence],
            allowed: dict[int, torch.Tensor] | None = None) -> tuple[list[int], list[dict | None]]:
     """logits: [len(seqs), vocab] fp32; allowed: row -> bool mask of a grammar-constrained row.
@@ -53,7 +63,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence],
         p = seq.params
         if not p.greedy:
             row = filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
-            tokens[i] = int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator))
+            tokens[i] = draw(row.softmax(-1), seq.generator)
     infos: list[dict | None] = []
     for i, (seq, token) in enumerate(zip(seqs, tokens)):
         k = seq.params.logprobs

@@ -8,8 +8,9 @@ Data: a byte-level BPE tokenizer (internray.data.tokenize.train_tokenizer) train
 interpreter's standard-library sources, which are then packed (tokenize.pack) into full --seq-len
 rows, one row per sequence the run consumes, in one Parquet shard: what a data run writes.
 
-Both systems: same preset and seed, AdamW (torch's fused one, `optimizer_and_schedule`) + warmup/cosine schedule, grad clipping, and global batch
-(W * --micro-batch sequences per step); the first --warmup-steps are not timed.
+Both systems: same preset and seed, AdamW (torch's fused one, `optimizer_and_schedule`) + warmup/
+cosine schedule, grad clipping, and global batch (W * --micro-batch sequences per step); the first
+--warmup-steps are not timed.
 - internray: `run_pretrain`, W workers, ZeRO-2, no validation, one checkpoint (the last step); on
   CPU --cpus-per-worker Ray CPUs and --threads-per-worker torch threads per worker.
 - plain: one process, one forward/backward over the whole global batch per step; on CPU

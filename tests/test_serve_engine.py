@@ -139,8 +139,8 @@ def test_completion_is_cut_at_max_model_len(tiny_llama_dir, prompts):
 
 def test_draw_follows_the_distribution_and_never_picks_a_zero():
     """The sampler's inverse-CDF draw against the probabilities it was given: frequencies over
-    20,000 draws within 4 standard errors, filtered-out (zero) tokens never drawn, and one seed
-    giving one sequence of draws."""
+    20,000 draws within 4 standard errors, filtered-out (zero) tokens never drawn, one seed
+    giving one sequence of draws, and no draw at all from a distribution without mass."""
     probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.25, 0.05, 0.0])
     generator = torch.Generator().manual_seed(0)
     draws = torch.tensor([draw(probs, generator) for _ in range(20_000)])
@@ -149,6 +149,8 @@ def test_draw_follows_the_distribution_and_never_picks_a_zero():
     assert ((counts - probs).abs() <= 4 * (probs * (1 - probs) / len(draws)).sqrt() + 1e-12).all(), counts
     again = torch.Generator().manual_seed(0)
     assert [draw(probs, again) for _ in range(50)] == draws[:50].tolist()
+    with pytest.raises(ValueError, match="sums to nan"):
+        draw(torch.full((4,), float("nan")), generator)
 
 
 def test_sampling_controls(tiny_llama_dir, prompts, reference, hf):

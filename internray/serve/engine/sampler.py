@@ -42,7 +42,10 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     draws from, at a twentieth of its cost on CPU over a 49k vocabulary (about 55 vs 1,150 us: it was
     a sixth of a sampled decode step). `right=True` never lands on a token of probability 0."""
     cdf = probs.cumsum(-1)
-    u = torch.rand(1, generator=generator).to(probs.device) * cdf[-1]
+    total = float(cdf[-1])
+    if not total > 0:  # NaN included: as torch.multinomial, refuse rather than pick an arbitrary token
+        raise ValueError(f"cannot sample: the distribution sums to {total} (every token masked, or NaN logits)")
+    u = torch.rand(1, generator=generator).to(probs.device) * total
     return min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)
 
 

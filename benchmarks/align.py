@@ -17,7 +17,7 @@ rollout actor taking the new weights), `publish_s` (putting the weights in the o
 Step 1 (warm-up: first forward, JIT, allocation) is excluded from the means.
 
 Responses: up to --max-new-tokens 256 (TRL's GRPOConfig default max_completion_length), sampled
-at temperature 1, so lengths are long-tailed (measured: 5 to 256 tokens, median ~60): `generate`
+at temperature 1, so lengths are long-tailed (one batch of 32 measured: 5 to 256 tokens, median 55): `generate`
 steps every row of its batch until the longest is done, the engine only live sequences. With a
 64-token cap the tail is cut off and the engine's lead shrinks (2.14x measured, 2026-12-01).
 

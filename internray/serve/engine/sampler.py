@@ -46,7 +46,10 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     if not total > 0:  # NaN included: as torch.multinomial, refuse rather than pick an arbitrary token
         raise ValueError(f"cannot sample: the distribution sums to {total} (every token masked, or NaN logits)")
     u = torch.rand(1, generator=generator).to(probs.device) * total
-    return min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)
+    index = int(torch.searchsorted(cdf, u, right=True))
+    if index == probs.numel():  # u * total rounded up to the total: the last token that has mass
+        index = int(torch.searchsorted(cdf, cdf[-1:]))
+    return index
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence],

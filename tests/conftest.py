@@ -62,7 +62,8 @@ def openai_server(ray_cluster, tiny_llama_dir):
 
     port = free_port()
     config = serve_config([str(tiny_llama_dir)], {"server": {"cpus_per_replica": 0, "max_concurrent_requests": 8}},
-                          served_name="tiny", port=port, kv_cache_gib=0.05)
+                          served_name="tiny", port=port, kv_cache_gib=0.05,
+                          dtype="float32")  # as HF references compute ("auto" may be bf16 on this CPU)
     url = start(config)
     yield SimpleNamespace(url=url, model="tiny", port=port, config=config)
     serve.shutdown()
@@ -89,7 +90,7 @@ def smollm2_server(openai_server, smollm2_dir):
     from internray.serve.launch import serve_config
 
     config = serve_config([str(smollm2_dir)], {"server": {"cpus_per_replica": 0}}, served_name="smollm2",
-                          kv_cache_gib=0.25)
+                          kv_cache_gib=0.25, dtype="float32")
     serve.run(build_app(config), name="smollm2", route_prefix="/smollm2")
     yield SimpleNamespace(url=f"{openai_server.url}/smollm2", model="smollm2")
     serve.delete("smollm2")

@@ -134,7 +134,7 @@ def test_the_engine_runs_the_codes_it_was_given(quantized, tiny_llama_dir):
     reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     reference.load_state_dict(state, strict=False)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    llm = LLM(EngineConfig(model=str(hf_dir), kv_cache_gib=0.01), verbose=False)
+    llm = LLM(EngineConfig(model=str(hf_dir), kv_cache_gib=0.01, dtype="float32"), verbose=False)
     for prompt in PROMPTS:
         ids = tokenizer(prompt)["input_ids"]
         out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))[0]

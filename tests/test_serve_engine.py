@@ -2,6 +2,8 @@
 caching, preemption and sampling must not change what the model says."""
 from __future__ import annotations
 
+import asyncio
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,11 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from internray.serve.config import EngineConfig
+from internray.serve.engine.async_engine import AsyncLLMEngine
 from internray.serve.engine.block_manager import BlockManager
 from internray.serve.engine.llm_engine import LLM, LLMEngine, generate
 from internray.serve.engine.sampler import draw
 from internray.serve.engine.sampling_params import InvalidRequest, SamplingParams
 from internray.serve.engine.sequence import Sequence
+from internray.serve.model.loader import cpu_has_bf16_instructions
 
 PROMPTS = ["def f(x):\n    return", "import os", "class A:\n    def __init__(self, a, b):\n        self.a = a\n" * 3,
            "x", "for i in range(10):\n    print(i)\n" * 2]
@@ -43,7 +47,8 @@ def reference(hf, prompts):
 
 
 def engine_config(model, **kw) -> EngineConfig:
-    return EngineConfig(model=str(model), kv_cache_gib=0.01, **kw)
+    """fp32, as the HF reference computes ("auto" is bf16 on CPUs with bf16 instructions)."""
+    return EngineConfig(model=str(model), kv_cache_gib=0.01, **{"dtype": "float32"} | kw)
 
 
 def test_greedy_single_requests_equal_hf_generate(tiny_llama_dir, prompts, reference):
@@ -113,11 +118,40 @@ def test_a_long_prompt_waits_for_room_instead_of_forcing_preemptions(tiny_llama_
     assert [done[k][1] for k in ("short-0", "short-1", "long")] == [reference[0], reference[1], reference[2][:1]]
 
 
+def test_the_async_engine_builds_and_steps_on_its_own_thread(tiny_llama_dir, prompts, reference, tmp_path):
+    """All torch work on one thread: the caller's OpenMP setting is left alone (a second thread
+    team would make libgomp sleep at every barrier, see async_engine), and a failed build is
+    raised to the caller instead of leaving it waiting."""
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = AsyncLLMEngine(engine_config(tiny_llama_dir, threads_per_rank=2), verbose=False)
+        assert torch.get_num_threads() == 1
+
+        async def complete(ids):
+            return [out async for out in engine.generate("r", ids, GREEDY)][-1].token_ids
+
+        assert asyncio.run(complete(prompts[0])) == reference[0]
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(caller_threads)
+    shutil.copytree(tiny_llama_dir, tmp_path / "no-weights", ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        AsyncLLMEngine(engine_config(tmp_path / "no-weights"), verbose=False)
+
+
 def test_kv_cache_is_sized_from_the_memory_budget(tiny_llama_dir):
     engine = LLMEngine(engine_config(tiny_llama_dir), verbose=False)
     # 2 (k, v) x 2 layers x 16 tokens x 2 kv heads x 16 head dim x 4 bytes = 8 KiB per block
     assert engine.blocks.num_blocks == int(0.01 * 2**30) // 8192
     assert engine.max_model_len == 1024
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it_natively(tiny_llama_dir):
+    engine = LLMEngine(engine_config(tiny_llama_dir, dtype="auto"), verbose=False)
+    native = cpu_has_bf16_instructions()
+    assert engine.runner.dtype == (torch.bfloat16 if native else torch.float32)
+    assert engine.blocks.num_blocks == int(0.01 * 2**30) // (4096 if native else 8192)  # the cache too
 
 
 def test_requests_the_engine_cannot_serve_are_refused_by_name(tiny_llama_dir):

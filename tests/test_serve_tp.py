@@ -19,7 +19,7 @@ def test_tp2_gives_the_same_tokens_and_logprobs_as_tp1(ray_cluster, tiny_llama_d
     for tp in (1, 2):
         config = EngineConfig(model=str(tiny_llama_dir), tensor_parallel_size=tp, kv_cache_gib=0.01,
                               block_size=4, max_num_batched_tokens=16, threads_per_rank=1,
-                              kv_cache_dtype=kv_cache_dtype)
+                              kv_cache_dtype=kv_cache_dtype, dtype="float32")
         engine = LLMEngine(config, cpus_per_rank=0.5, verbose=False)
         try:
             outputs[tp] = generate(engine, prompts, params)
@@ -40,7 +40,8 @@ def test_a_tp2_serve_replica_reserves_its_ranks_and_answers_like_tp1(openai_serv
     from internray.serve.launch import serve_config
 
     config = serve_config([str(tiny_llama_dir)], {"server": {"cpus_per_replica": 0.5, "cpus_per_rank": 0.5}},
-                          served_name="tiny-tp2", tensor_parallel_size=2, kv_cache_gib=0.01)
+                          served_name="tiny-tp2", tensor_parallel_size=2, kv_cache_gib=0.01,
+                          dtype="float32")  # as the TP=1 app it is compared with
     serve.run(build_app(config), name="tp2", route_prefix="/tp2")
     try:
         request = dict(messages=[{"role": "user", "content": "Count with me."}], max_tokens=12, temperature=0)

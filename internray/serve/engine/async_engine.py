@@ -1,13 +1,21 @@
 """The engine on its own thread, serving many asyncio callers at once.
 
-One thread owns the scheduler and steps while there is work; callers talk to it through a
-thread-safe inbox (new requests, aborts) and get their outputs on per-request asyncio queues. A
-caller that stops listening (the HTTP client disconnected, Serve cancelled the call) aborts its
-request on the way out, which frees its sequence and KV blocks before the next step.
+One thread owns the engine: it builds it (loads the weights, allocates the KV cache) and steps it
+while there is work. Keeping all torch work on one thread matters on CPU: OpenMP keeps a thread
+team per calling thread, and once the teams together hold more threads than there are CPUs,
+libgomp stops spinning at its barriers and puts its threads to sleep at each of the hundreds of
+parallel regions in a step. A model loaded on the caller's thread and stepped on this one did
+exactly that: decode steps took 1.6x as long (median 51 vs 32 ms, SmolLM2, bf16, 2 CPUs).
+
+Callers talk to the engine thread through a thread-safe inbox (new requests, aborts) and get
+their outputs on per-request asyncio queues. A caller that stops listening (the HTTP client
+disconnected, Serve cancelled the call) aborts its request on the way out, which frees its
+sequence and KV blocks before the next step.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import queue
 import threading
 import traceback
@@ -21,14 +29,17 @@ from internray.serve.engine.sampling_params import SamplingParams
 
 class AsyncLLMEngine:
     def __init__(self, config: EngineConfig, **engine_kwargs):
-        self.engine = LLMEngine(config, **engine_kwargs)
-        self.tokenizer = self.engine.tokenizer
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._failure: BaseException | None = None
         self._idle_calls: list = []  # (fn, reply) waiting for the engine to have no request running
-        self._thread = threading.Thread(target=self._loop, name="internray-engine", daemon=True)
+        self.engine: LLMEngine  # set by the engine thread
+        built: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(built, config, engine_kwargs), name="internray-engine",
+                                        daemon=True)
         self._thread.start()
+        built.result()  # re-raises what stopped the build (bad checkpoint, too little memory)
+        self.tokenizer = self.engine.tokenizer
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they happen; the last has `finished` set."""
@@ -61,8 +72,17 @@ class AsyncLLMEngine:
         self._inbox.put(("call", fn, reply))
         return await reply
 
-    def _loop(self) -> None:
+    def _run(self, built: concurrent.futures.Future, config: EngineConfig, engine_kwargs: dict) -> None:
         raise_thread_priority("the engine thread")
+        try:
+            self.engine = LLMEngine(config, **engine_kwargs)
+        except BaseException as e:
+            built.set_exception(e)
+            return
+        built.set_result(None)
+        self._loop()
+
+    def _loop(self) -> None:
         try:
             while True:
                 self._drain_inbox(block=not self.engine.has_work and not self._idle_calls)

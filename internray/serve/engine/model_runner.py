@@ -98,6 +98,7 @@ class ModelRunner:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.engine_config, self.tp = engine, tp
         dtype = self.dtype = resolve_dtype(engine.dtype, self.device)
+        self._use_threads()  # loading runs parallel regions too: one team of the right size from the start
         self.model = self._load()
         attn = self.model.model.layers[0].self_attn
         self.block_size = engine.block_size
@@ -140,12 +141,15 @@ class ModelRunner:
                               self._tensor(step.decode_blocks), lengths, decode_mask, self.decode_kernel,
                               prefills)
 
+    def _use_threads(self) -> None:
+        """OpenMP thread counts belong to the calling thread, which would otherwise start from Ray
+        workers' OMP_NUM_THREADS=1."""
+        if self.device.type == "cpu" and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+
     def execute(self, step: StepInput) -> torch.Tensor:
         """Logits [len(step.sample_index), vocab], fp32, on the CPU."""
-        if torch.get_num_threads() != self.threads:
-            # OpenMP thread counts belong to the calling thread: the engine steps on its own thread
-            # (async_engine), which would otherwise start from Ray workers' OMP_NUM_THREADS=1
-            torch.set_num_threads(self.threads)
+        self._use_threads()
         logits = self.model(self._tensor(step.input_ids), self._tensor(step.positions), self.kv_caches,
                             self.attention_batch(step), self._tensor(step.sample_index))
         return logits.cpu()

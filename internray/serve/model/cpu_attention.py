@@ -3,11 +3,14 @@
 Why a kernel: in pure PyTorch a decoding batch must first gather every sequence's context out of
 the paged cache into one padded tensor (a copy of all K and V, every layer, every step) and then
 run SDPA over the padding. On CPUs memory bandwidth is the limit, so that copy costs as much as
-the attention itself. This kernel takes one sequence at a time: it copies the sequence's blocks
-side by side into a per-thread buffer that stays in L2 (whole-block copies stream at memory speed),
-then computes every head (GQA included) from there with an exact, max-subtracted softmax in fp32.
-No padded batch tensor, no work on padding, each K/V byte read from memory once. vLLM's CPU
-backend does the same with its own C++ kernels.
+the attention itself. This kernel reads the cache where it lies: one task per (sequence, KV
+head) walks the sequence's blocks once, scoring a block's keys for every query head of the group
+(GQA), updating an online softmax in fp32 (flash-decoding's recurrence) and adding the block's
+values. No padded batch tensor, no work on padding, no copy of the context; each key and value
+is read once and converted to fp32 once for its whole head group. Against the previous version
+(blocks first copied side by side per sequence, one head at a time) attention went from 56 to
+39 ms of a 64-sequence SmolLM2 decode step (bf16, 2 threads). vLLM's CPU backend does the
+same with its own C++ kernels.
 
 It is built with `torch.utils.cpp_extension.load_inline` (needs a C++ compiler, as vLLM's CPU
 build and `torch.compile` do), for this machine's instruction set, into torch's extension cache
@@ -30,63 +33,88 @@ SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <type_traits>
 #include <vector>
 
-template <typename T>
-static inline float dot(const float* q, const T* k, int64_t d) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < d; ++i) s += q[i] * static_cast<float>(k[i]);
-  return s;
-}
-
-template <typename T>
-static inline void axpy(float a, const T* v, float* acc, int64_t d) {
+// One cached key or value vector as fp32: a cast, or for an int8 cache its codes times its scale.
+template <typename S, int DT>
+static inline void load_row(const S* src, float scale, float* dst, int64_t d) {
+  const int64_t D = DT ? DT : d;
+  if constexpr (std::is_same_v<S, int8_t>) {
 #pragma omp simd
-  for (int64_t i = 0; i < d; ++i) acc[i] += a * static_cast<float>(v[i]);
+    for (int64_t i = 0; i < D; ++i) dst[i] = scale * static_cast<float>(src[i]);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<float>(src[i]);
+  }
 }
 
-// Attention of one sequence's query (all heads, pre-scaled) over its context rows laid side by
-// side (a token's keys then values, every KV head): an exact, max-subtracted softmax in fp32.
-template <typename C, typename T>
-static void attend(const float* qf, const C* context, int64_t len, int64_t H, int64_t Hkv, int64_t D,
-                   float* scores, float* total, float* acc, T* out) {
-  const int64_t G = H / Hkv, token_stride = 2 * Hkv * D;
-  for (int64_t t = 0; t < len; ++t) {
-    const C* k = context + t * token_stride;
-    for (int64_t h = 0; h < H; ++h) scores[h * len + t] = dot(&qf[h * D], k + (h / G) * D, D);
-  }
-  for (int64_t h = 0; h < H; ++h) {
-    float* s = &scores[h * len];
-    const float m = *std::max_element(s, s + len);
-    float sum = 0.f;
+// The G query heads that share KV head `g` attend over one sequence's blocks in a single pass:
+// a block's scores, then an online-softmax update (flash-decoding's recurrence: rescale what was
+// summed so far when the running max grows), then its values. Every key and value is read from
+// the paged cache once and converted to fp32 once for all G heads; no copy of the context.
+// q: G prescaled fp32 heads; work: G * block + G * D + D + 2 * G floats; out: G heads of D.
+template <typename T, typename S, int DT>
+static void attend(const float* q, const S* cache, const float* scales, const int64_t* table, int64_t len,
+                   int64_t block, int64_t Hkv, int64_t g, int64_t G, int64_t d, float* work, T* out) {
+  const int64_t D = DT ? DT : d, token_stride = 2 * Hkv * D;
+  float *s = work, *acc = s + G * block, *row = acc + G * D, *m = row + D, *l = m + G;
+  std::fill(m, m + G, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + G, 0.f);
+  std::fill(acc, acc + G * D, 0.f);
+  for (int64_t start = 0, i = 0; start < len; start += block, ++i) {
+    const int64_t n = std::min(block, len - start), first = table[i] * block;  // first: the block's first slot
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t slot = first + t;
+      load_row<S, DT>(cache + slot * token_stride + g * D, scales ? scales[slot * 2 * Hkv + g] : 1.f, row, D);
+      for (int64_t j = 0; j < G; ++j) {
+        const float* qj = q + j * D;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t x = 0; x < D; ++x) dot += qj[x] * row[x];
+        s[j * block + t] = dot;
+      }
+    }
+    for (int64_t j = 0; j < G; ++j) {
+      float* sj = s + j * block;
+      const float top = std::max(m[j], *std::max_element(sj, sj + n));
+      const float shrink = std::exp(m[j] - top);  // 0 on the first block (m = -inf)
+      float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < len; ++t) { s[t] = std::exp(s[t] - m); sum += s[t]; }
-    total[h] = sum;
+      for (int64_t t = 0; t < n; ++t) { sj[t] = std::exp(sj[t] - top); sum += sj[t]; }
+      l[j] = l[j] * shrink + sum;
+      m[j] = top;
+      if (shrink != 1.f) {
+        float* a = acc + j * D;
+#pragma omp simd
+        for (int64_t x = 0; x < D; ++x) a[x] *= shrink;
+      }
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t slot = first + t;
+      load_row<S, DT>(cache + slot * token_stride + (Hkv + g) * D, scales ? scales[slot * 2 * Hkv + Hkv + g] : 1.f,
+                      row, D);
+      for (int64_t j = 0; j < G; ++j) {
+        const float p = s[j * block + t];
+        float* a = acc + j * D;
+#pragma omp simd
+        for (int64_t x = 0; x < D; ++x) a[x] += p * row[x];
+      }
+    }
   }
-  std::fill(acc, acc + H * D, 0.f);
-  for (int64_t t = 0; t < len; ++t) {
-    const C* v = context + t * token_stride + Hkv * D;
-    for (int64_t h = 0; h < H; ++h) axpy(scores[h * len + t], v + (h / G) * D, &acc[h * D], D);
-  }
-  for (int64_t h = 0; h < H; ++h)
-    for (int64_t i = 0; i < D; ++i) out[h * D + i] = static_cast<T>(acc[h * D + i] / total[h]);
+  for (int64_t j = 0; j < G; ++j)
+    for (int64_t x = 0; x < D; ++x) out[j * D + x] = static_cast<T>(acc[j * D + x] / l[j]);
 }
 
-// One task per sequence, all heads together (a token's keys and values for every head are one
-// contiguous row, a block is `block` consecutive rows). With `scales` the cache holds int8 codes
-// and a scale per (token, key|value, head): rows are dequantized into the buffer instead of copied.
-template <typename T, typename S>
+// One task per (sequence, KV head): B * Hkv tasks keep both threads busy even for one sequence.
+// With `scales` the cache holds int8 codes and a scale per (token, key|value, head).
+template <typename T, typename S, int DT>
 static void run(const at::Tensor& q, const at::Tensor& cache, const at::Tensor* scales, const at::Tensor& tables,
                 const at::Tensor& lengths, at::Tensor& out, double scale) {
-  using C = std::conditional_t<std::is_same_v<S, int8_t>, float, T>;
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t block = cache.size(1), Hkv = cache.size(3);
-  const int64_t token_stride = 2 * Hkv * D, block_stride = block * token_stride;
+  const int64_t block = cache.size(1), Hkv = cache.size(3), G = H / Hkv;
   const int64_t table_width = tables.size(1);
   const T* qp = q.data_ptr<T>();
   const S* cp = cache.data_ptr<S>();
@@ -94,33 +122,26 @@ static void run(const at::Tensor& q, const at::Tensor& cache, const at::Tensor* 
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lengths.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
-  const int64_t max_len = *std::max_element(lp, lp + B);
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(H * D), acc(H * D), scores(H * max_len), total(H);
-    std::vector<C> context(((max_len + block - 1) / block) * block_stride);
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t len = lp[b], blocks = (len + block - 1) / block;
-      const int64_t* table = tp + b * table_width;
-      // Lay the sequence's blocks side by side first: whole-block reads stream at memory speed,
-      // and both passes of `attend` then read a buffer that stays in this core's L2.
-      for (int64_t i = 0; i < blocks; ++i) {
-        if constexpr (std::is_same_v<S, int8_t>) {
-          const int8_t* codes = cp + table[i] * block_stride;
-          const float* row_scales = sp + table[i] * block * 2 * Hkv;
-          float* dst = &context[i * block_stride];
-          for (int64_t r = 0; r < block * 2 * Hkv; ++r) {
-            const float s = row_scales[r];
-#pragma omp simd
-            for (int64_t j = 0; j < D; ++j) dst[r * D + j] = s * static_cast<float>(codes[r * D + j]);
-          }
-        } else {
-          std::memcpy(&context[i * block_stride], cp + table[i] * block_stride, block_stride * sizeof(T));
-        }
-      }
-      for (int64_t i = 0; i < H * D; ++i) qf[i] = static_cast<float>(qp[b * H * D + i]) * scale;
-      attend(qf.data(), context.data(), len, H, Hkv, D, scores.data(), total.data(), acc.data(), op + b * H * D);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), work(G * block + G * D + D + 2 * G);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, g = task % Hkv;
+      const T* qg = qp + (b * H + g * G) * D;
+      for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(qg[i]) * static_cast<float>(scale);
+      attend<T, S, DT>(qf.data(), cp, sp, tp + b * table_width, lp[b], block, Hkv, g, G, D, work.data(),
+                       op + (b * H + g * G) * D);
     }
   });
+}
+
+template <typename T, typename S>
+static void run_for_head_dim(const at::Tensor& q, const at::Tensor& cache, const at::Tensor* scales,
+                             const at::Tensor& tables, const at::Tensor& lengths, at::Tensor& out, double scale) {
+  switch (q.size(2)) {  // the common head sizes get loops of a known length
+    case 64: return run<T, S, 64>(q, cache, scales, tables, lengths, out, scale);
+    case 128: return run<T, S, 128>(q, cache, scales, tables, lengths, out, scale);
+    default: return run<T, S, 0>(q, cache, scales, tables, lengths, out, scale);
+  }
 }
 
 at::Tensor decode_attention(at::Tensor q, at::Tensor cache, std::optional<at::Tensor> scales, at::Tensor tables,
@@ -140,8 +161,8 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor cache, std::optional<at::Te
   auto out = at::empty_like(q);
   if (q.size(0) == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
-    if (scales) run<scalar_t, int8_t>(q, cache, &*scales, tables, lengths, out, scale);
-    else run<scalar_t, scalar_t>(q, cache, nullptr, tables, lengths, out, scale);
+    if (scales) run_for_head_dim<scalar_t, int8_t>(q, cache, &*scales, tables, lengths, out, scale);
+    else run_for_head_dim<scalar_t, scalar_t>(q, cache, nullptr, tables, lengths, out, scale);
   });
   return out;
 }

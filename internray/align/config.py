@@ -44,6 +44,8 @@ class RLSection(Section):
     rollout_backend: Literal["engine", "hf"] = "engine"
     """`engine`: internray's paged, continuously batched engine; `hf`: transformers' `generate` (the baseline)."""
     rollout_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """For both backends; `auto` is the serve engine's rule: bf16 on GPUs and on CPUs with bf16
+    instructions, fp32 elsewhere."""
     kv_cache_gib: float = Field(0.5, gt=0)
     verify_weights: bool = False
     """After each refresh, compare a rollout actor's log-probabilities of a probe sequence with the

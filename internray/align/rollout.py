@@ -65,7 +65,9 @@ class RolloutWorker:
         else:
             from transformers import AutoModelForCausalLM
 
-            dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[rl.rollout_dtype]
+            from internray.serve.model.loader import resolve_dtype
+
+            dtype = resolve_dtype(rl.rollout_dtype, torch.device("cpu"))  # "auto" as the engine reads it
             self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
 
     async def pid(self) -> int:

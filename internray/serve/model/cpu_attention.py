@@ -169,16 +169,21 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor cache, std::optional<at::Te
 """
 
 
+@cache
+def cpu_flags() -> tuple[str, ...]:
+    """This CPU's feature flags as Linux lists them (/proc/cpuinfo); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        line = ""
+    return tuple(line.partition(":")[2].split())
+
+
 def _cpu_flavour() -> str:
     """A short tag of this CPU's instruction set: the build uses -march=native, so machines that
     share a home directory but not a CPU must not share the binary."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+    return hashlib.sha1(f"{platform.machine()} {' '.join(cpu_flags())}".encode()).hexdigest()[:10]
 
 
 @cache

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ctypes
-from functools import cache
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -11,6 +10,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from internray.models.quantized import quantization_config
+from internray.serve.model.cpu_attention import cpu_flags
 from internray.serve.model.layers import TPInfo
 from internray.serve.model.llama import FUSED, LlamaForCausalLM
 from internray.serve.model.quantization import prepare_quantized_linears, quantize_structure
@@ -25,14 +25,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-@cache
 def cpu_has_bf16_instructions() -> bool:
-    """Whether this CPU computes bf16 natively (x86 avx512_bf16 or AMX; Linux's cpuinfo flags)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """Whether this CPU computes bf16 natively: x86 avx512_bf16 or AMX."""
+    return not {"avx512_bf16", "amx_bf16"}.isdisjoint(cpu_flags())
 
 
 def load_model(model_dir: str | Path, tp: TPInfo, dtype: torch.dtype, device: torch.device,

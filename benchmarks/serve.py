@@ -18,7 +18,9 @@ has to cope with ragged prompts. Every system gets the same token ids and genera
 Offline, tok/s = generated tokens / wall time of one generate call over all prompts (the best of
 --repeats calls), after an untimed warm-up call (2 prompts x 4 tokens) so lazy initialisation is
 not counted; "load s" is the time to build the engine and warm up (vLLM's includes its process
-start and torch.compile). Every system computes with --threads threads (default: all CPUs).
+start and torch.compile). Prefix caching is off in both engines' offline runs: with it, every
+repeat after the first finds all its prompts cached and measures decoding alone. Every system
+computes with --threads threads (default: all CPUs).
 - internray: `LLM(EngineConfig(...)).generate`, kv_cache_gib --kv-cache-gib, max_num_seqs --prompts
   (64 by default), --threads torch threads.
 - HF: `model.generate` over left-padded batches of --hf-batch prompts (0 = all at once),
@@ -226,7 +228,8 @@ def run_internray_offline(model_dir: Path, prompts: list[list[int]], args) -> di
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     llm = LLM(EngineConfig(model=str(model_dir), dtype=args.dtype, kv_cache_gib=args.kv_cache_gib,
-                           max_num_seqs=max(len(prompts), 1), threads_per_rank=args.threads))
+                           max_num_seqs=max(len(prompts), 1), threads_per_rank=args.threads,
+                           enable_prefix_caching=False))
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     load = time.perf_counter() - started
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
@@ -275,7 +278,8 @@ import json, sys, time
 spec = json.load(open(sys.argv[1]))
 t0 = time.perf_counter()
 from vllm import LLM, SamplingParams
-llm = LLM(model=spec["model"], dtype=spec["dtype"], max_num_seqs=spec["max_num_seqs"], seed=0)
+llm = LLM(model=spec["model"], dtype=spec["dtype"], max_num_seqs=spec["max_num_seqs"], seed=0,
+          enable_prefix_caching=False)
 prompts = [{"prompt_token_ids": p} for p in spec["prompts"]]
 llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
 load = time.perf_counter() - t0

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from internray.serve.model import cpu_attention
+from internray.serve.model import cpu_attention, cpu_kernels
 from internray.models.quantized import quantize_int8
 from internray.serve.model.kv_cache import KVCache
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    built = cpu_attention.load()
+    built = cpu_kernels.load()
     if built is None:
         pytest.skip("no C++ compiler here: the engine uses gather + SDPA (covered by test_serve_engine)")
     return built
@@ -27,15 +27,16 @@ def sdpa_reference(q, cache: KVCache, tables, lengths):
                                           enable_gqa=True).squeeze(2)
 
 
-@pytest.mark.parametrize("heads,kv_heads,dim,dtype,tol", [  # head sizes 64 and 128 have their own loops
-    (8, 8, 16, torch.float32, 1e-5), (9, 3, 64, torch.float32, 1e-5), (8, 2, 128, torch.float32, 1e-5),
-    (4, 1, 16, torch.bfloat16, 2e-2), (9, 3, 64, torch.bfloat16, 2e-2)])
-def test_kernel_equals_gather_and_sdpa(kernel, heads, kv_heads, dim, dtype, tol):
+@pytest.mark.parametrize("heads,kv_heads,dim,dtype,block,tol", [  # head sizes 32, 64 and 128 have their own loops
+    (8, 8, 16, torch.float32, 4, 1e-5), (9, 3, 64, torch.float32, 4, 1e-5), (8, 2, 128, torch.float32, 4, 1e-5),
+    (4, 1, 16, torch.bfloat16, 4, 2e-2), (9, 3, 64, torch.bfloat16, 4, 2e-2),
+    (9, 3, 64, torch.bfloat16, 16, 2e-2), (8, 2, 128, torch.float16, 32, 2e-3), (8, 4, 32, torch.bfloat16, 16, 2e-2)])  # blocks of one and two 16-lane rows
+def test_kernel_equals_gather_and_sdpa(kernel, heads, kv_heads, dim, dtype, block, tol):
     """Across block edges the kernel's online softmax rescales what it summed so far."""
     gen = torch.Generator().manual_seed(0)
-    blocks, block, batch = 40, 4, 7
+    blocks, batch = 40, 7
     cache = KVCache(torch.randn(blocks, block, 2, kv_heads, dim, generator=gen).to(dtype))
-    lengths = torch.tensor([1, 3, 4, 5, 9, 16, 17])  # inside, at and across block edges
+    lengths = torch.tensor([1, block - 1, block, block + 1, 2 * block + 1, 4 * block, 4 * block + 1])  # around block edges
     width = -(-int(lengths.max()) // block)
     tables = torch.stack([torch.randperm(blocks, generator=gen)[:width] for _ in range(batch)])
     q = torch.randn(batch, heads, dim, generator=gen).to(dtype)
@@ -78,12 +79,13 @@ def test_int8_write_then_gather_is_within_half_a_step():
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["full", "int8"])
-def test_padding_past_a_sequences_length_is_never_read(kernel, int8):
-    values = torch.randn(6, 4, 2, 2, 8)
+@pytest.mark.parametrize("dim", [8, 64])
+def test_padding_past_a_sequences_length_is_never_read(kernel, int8, dim):
+    values = torch.randn(6, 4, 2, 2, dim)
     cache = int8_cache(values) if int8 else KVCache(values)
     tables = torch.tensor([[0, 1], [2, 3]])
     lengths = torch.tensor([3, 6])
-    q = torch.randn(2, 2, 8)
+    q = torch.randn(2, 2, dim)
     before = cpu_attention.decode_attention(q, cache, tables, lengths, kernel)
     poison = (cache.scales if int8 else cache.data)
     poison[0, 3:] = float("nan")  # beyond sequence 0's three tokens

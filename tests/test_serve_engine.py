@@ -60,7 +60,7 @@ def test_greedy_single_requests_equal_hf_generate(tiny_llama_dir, prompts, refer
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled-attention", "sdpa-attention"])
 def test_mixed_batch_joining_at_different_steps_equals_hf(tiny_llama_dir, prompts, reference, compiled):
     # small blocks and a small token budget: prompts are chunked and mixed with running decodes
-    config = engine_config(tiny_llama_dir, block_size=4, max_num_batched_tokens=16, compiled_cpu_attention=compiled)
+    config = engine_config(tiny_llama_dir, block_size=4, max_num_batched_tokens=16, compiled_cpu_kernels=compiled)
     engine = LLMEngine(config, verbose=False)
     results, pending, step = {}, list(enumerate(prompts)), 0
     while pending or engine.has_work:

@@ -26,8 +26,9 @@ class EngineConfig(Section):
     max_num_batched_tokens: int = Field(2048, ge=16, description="tokens per step (prefill chunks included)")
     max_model_len: int | None = Field(None, ge=2, description="prompt + completion cap; default: the model's")
     enable_prefix_caching: bool = True
-    compiled_cpu_attention: bool = Field(True, description="on CPU, decode attention through a kernel compiled "
-                                         "on first use (needs a C++ compiler; falls back to SDPA without one)")
+    compiled_cpu_kernels: bool = Field(True, description="on CPU, decode attention and fused norm/rotary/SiLU through "
+                                       "kernels compiled on first use (model/cpu_kernels.py; needs a C++ compiler, "
+                                       "falls back to plain PyTorch ops without one)")
     threads_per_rank: int | None = Field(None, ge=1, description="torch threads per rank on CPU; default: the CPUs this process may "
                                          "use / tensor_parallel_size")
 

@@ -14,7 +14,7 @@ import torch
 
 from internray.serve.config import EngineConfig
 from internray.serve.engine.scheduler import ScheduledChunk
-from internray.serve.model import cpu_attention
+from internray.serve.model import cpu_kernels
 from internray.serve.model.layers import (
     AttentionBatch,
     PrefillSpan,
@@ -99,12 +99,12 @@ class ModelRunner:
         self.engine_config, self.tp = engine, tp
         dtype = self.dtype = resolve_dtype(engine.dtype, self.device)
         self._use_threads()  # loading runs parallel regions too: one team of the right size from the start
+        self.kernels = None
+        if self.device.type == "cpu" and engine.compiled_cpu_kernels:
+            self.kernels = cpu_kernels.load()
         self.model = self._load()
         attn = self.model.model.layers[0].self_attn
         self.block_size = engine.block_size
-        self.decode_kernel = None
-        if self.device.type == "cpu" and engine.compiled_cpu_attention:
-            self.decode_kernel = cpu_attention.load()
         self.kv_caches = [KVCache.allocate(num_blocks, engine.block_size, attn.num_kv_heads, attn.head_dim, dtype,
                                            self.device, int8=engine.kv_cache_dtype == "int8")
                           for _ in self.model.model.layers]
@@ -113,6 +113,7 @@ class ModelRunner:
         model = load_model(self.engine_config.model, self.tp, self.dtype, self.device, weights)
         if self.device.type == "cpu" and self.dtype != torch.float16 and torch.backends.mkldnn.is_available():
             pack_linears_for_cpu(model, self.engine_config.max_num_seqs)
+        model.use_fused_cpu_ops(self.kernels)
         return model
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
@@ -126,7 +127,7 @@ class ModelRunner:
     def attention_batch(self, step: StepInput) -> AttentionBatch:
         lengths = self._tensor(step.decode_lengths)
         decode_mask = None
-        if self.decode_kernel is None:
+        if self.kernels is None:
             width = step.decode_blocks.shape[1] * self.block_size
             decode_mask = (torch.arange(width, device=self.device)[None] < lengths[:, None])[:, None, None]
         prefills = []
@@ -138,7 +139,7 @@ class ModelRunner:
                 context = self._tensor(context)
             prefills.append(PrefillSpan(start, length, context, mask))
         return AttentionBatch(self._tensor(step.slot_mapping), self._tensor(step.decode_index),
-                              self._tensor(step.decode_blocks), lengths, decode_mask, self.decode_kernel,
+                              self._tensor(step.decode_blocks), lengths, decode_mask, self.kernels,
                               prefills)
 
     def _use_threads(self) -> None:

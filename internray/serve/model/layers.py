@@ -104,18 +104,25 @@ def pack_linears_for_cpu(model: nn.Module, batch_hint: int) -> None:
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm, computed in fp32 like the reference implementation."""
+    """Llama's RMSNorm, computed in fp32 like the reference implementation, with the residual add
+    before it folded in: forward(x, residual) -> (norm(x + residual), x + residual)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.weight.tp_dim = None
         self.eps = eps
+        self.fused = None
+        """The compiled CPU kernels (model/cpu_fused.py) when the model uses them."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused is not None:  # the sum is written into `residual` in place
+            return self.fused.rms_norm(x, residual, self.weight, self.eps), x if residual is None else residual
+        if residual is not None:
+            x = x + residual
         if x.dtype == torch.float32:  # one fused call; same arithmetic as the reference
-            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps), x
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype), x
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +152,7 @@ class AttentionBatch:
     decode_blocks: torch.Tensor  # [decodes, max blocks] block tables (padded)
     decode_lengths: torch.Tensor  # [decodes] context lengths, the new token included
     decode_mask: torch.Tensor | None  # [decodes, 1, 1, max blocks * block size] True where a slot is real
-    decode_kernel: object | None = None  # compiled CPU decode attention (model/cpu_attention.py); None: SDPA
+    decode_kernel: object | None = None  # compiled CPU kernels (model/cpu_kernels.py); None: gather + SDPA
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 

@@ -17,6 +17,7 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from internray.serve.model import cpu_fused
 from internray.serve.model.layers import (
     AttentionBatch, ColumnParallelLinear, Linear, RMSNorm, RowParallelLinear, TPInfo, apply_rotary, paged_attention,
 )
@@ -82,13 +83,17 @@ class Attention(nn.Module):
         q_size, kv_size = config.num_attention_heads * d, config.num_key_value_heads * d
         self.qkv_proj = ColumnParallelLinear(hidden, [q_size, kv_size, kv_size], qkv_bias, tp)
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, hidden, o_bias, tp)
+        self.fused = None  # compiled CPU kernels (model/cpu_fused.py), set by use_fused_cpu_ops
 
     def forward(self, x, cos, sin, kv_cache, batch: AttentionBatch):
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.parts, dim=-1)
-        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
-        out = paged_attention(q, k, v.view(t, self.num_kv_heads, self.head_dim), kv_cache, batch)
+        qkv = self.qkv_proj(x)
+        if self.fused is not None:  # q and k rotated in place, in one pass
+            self.fused.rotary_(qkv, cos, sin, self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k, v = (part.view(t, -1, self.head_dim) for part in qkv.split(self.qkv_proj.parts, dim=-1))
+        if self.fused is None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = paged_attention(q, k, v, kv_cache, batch)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
@@ -98,8 +103,11 @@ class MLP(nn.Module):
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias, tp)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias, tp)
+        self.fused = None  # compiled CPU kernels (model/cpu_fused.py), set by use_fused_cpu_ops
 
     def forward(self, x):
+        if self.fused is not None:
+            return self.down_proj(self.fused.silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -112,9 +120,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv_cache, batch):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, kv_cache, batch):
+        """x: the previous layer's output; residual: the stream it adds to (None in the first
+        layer). Each norm performs the add before it (RMSNorm), so this returns the same pair."""
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, kv_cache, batch), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -148,7 +159,20 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(x, positions[None])
         cos, sin = cos[0].to(x.dtype), sin[0].to(x.dtype)
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, batch)
-        x = self.model.norm(x[sample_index])
+            x, residual = layer(x, residual, cos, sin, kv_cache, batch)
+        x, _ = self.model.norm(x[sample_index], residual[sample_index])
         return self.lm_head(x).float()
+
+    def use_fused_cpu_ops(self, kernels) -> bool:
+        """Route norms, rotary and SiLU through the compiled CPU kernels (model/cpu_fused.py) where
+        this CPU, dtype and the model's shapes allow; returns whether they are used."""
+        layer = self.model.layers[0]
+        if not cpu_fused.usable(kernels, self.model.embed_tokens.weight.dtype, self.config.hidden_size,
+                                layer.mlp.gate_up_proj.parts[0], layer.self_attn.head_dim):
+            return False
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.fused = kernels
+        return True

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from internray.models.quantized import quantization_config
-from internray.serve.model.cpu_attention import cpu_flags
+from internray.serve.model.cpu_kernels import cpu_flags
 from internray.serve.model.layers import TPInfo
 from internray.serve.model.llama import FUSED, LlamaForCausalLM
 from internray.serve.model.quantization import prepare_quantized_linears, quantize_structure

@@ -91,3 +91,81 @@ def test_padding_past_a_sequences_length_is_never_read(kernel, int8, dim):
     poison[0, 3:] = float("nan")  # beyond sequence 0's three tokens
     poison[3, 2:] = float("nan")  # beyond sequence 1's six tokens
     torch.testing.assert_close(cpu_attention.decode_attention(q, cache, tables, lengths, kernel), before)
+
+
+def causal_reference(q, cache: KVCache, table, context_len):
+    """SDPA in fp32 over the gathered context, the chunk's queries offset by the earlier context."""
+    kv = cache.gather(table[None], torch.float32)[0, :context_len].float()
+    rows = torch.arange(len(q))[:, None] + (context_len - len(q))
+    mask = torch.arange(context_len)[None] <= rows
+    k, v = kv[:, 0].transpose(0, 1)[None], kv[:, 1].transpose(0, 1)[None]
+    return F.scaled_dot_product_attention(q.float().transpose(0, 1)[None], k, v, attn_mask=mask,
+                                          enable_gqa=True)[0].transpose(0, 1)
+
+
+@pytest.fixture(scope="module")
+def avx512(kernel):
+    if not kernel.has_avx512():
+        pytest.skip("no AVX-512 here: prefill attention takes SDPA (covered by test_serve_engine)")
+    return kernel
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["full", "int8"])
+@pytest.mark.parametrize("heads,kv_heads,dim,dtype,block,tol", [
+    (9, 3, 64, torch.bfloat16, 16, 2e-2), (8, 2, 128, torch.float16, 4, 2e-3), (4, 2, 32, torch.float32, 16, 1e-5)])
+def test_prefill_kernel_equals_causal_sdpa_with_and_without_earlier_context(avx512, heads, kv_heads, dim, dtype,
+                                                                           block, tol, int8):
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(60, block, 2, kv_heads, dim, generator=gen)
+    cache = int8_cache(values) if int8 else KVCache(values.to(dtype))
+    for length, context_len in ((1, 1), (15, 15), (37, 37), (20, 53), (1, 40)):  # tiles of 16, chunks after context
+        table = torch.randperm(60, generator=gen)[:-(-context_len // block)]
+        qkv = torch.randn(length, heads + 2 * kv_heads, dim, generator=gen).to(dtype)
+        q = qkv[:, :heads]  # a view with the fused qkv row stride, as the model passes it
+        out = cpu_attention.prefill_attention(q, cache, table, context_len, avx512)
+        assert out.shape == q.shape and out.dtype == dtype
+        torch.testing.assert_close(out.float(), causal_reference(q, cache, table, context_len), atol=tol, rtol=tol)
+
+
+def test_prefill_kernel_never_reads_past_the_context_and_refuses_other_head_sizes(avx512):
+    values = torch.randn(4, 16, 2, 2, 64)
+    table, q = torch.tensor([2, 0]), torch.randn(10, 4, 64)
+    before = cpu_attention.prefill_attention(q, KVCache(values), table, 20, avx512)
+    values[0, 4:] = float("nan")  # block 0 holds positions 16..31; the context ends at 20
+    values[1] = float("nan")  # not in the table
+    torch.testing.assert_close(cpu_attention.prefill_attention(q, KVCache(values), table, 20, avx512), before)
+    with pytest.raises(RuntimeError, match="head size 16 is not 32, 64 or 128"):
+        cpu_attention.prefill_attention(torch.randn(3, 4, 16), KVCache(torch.randn(4, 16, 2, 2, 16)), table, 20, avx512)
+
+
+def test_engine_with_compiled_prefill_equals_hf_on_chunked_mixed_batches(avx512, tmp_path):
+    """Head size 32 takes the compiled prefill: prompts chunked over small blocks and a small token
+    budget, joining a batch that is already decoding, must still continue exactly as HF does."""
+    from conftest import build_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from internray.serve.config import EngineConfig
+    from internray.serve.engine.llm_engine import LLMEngine
+    from internray.serve.engine.sampling_params import SamplingParams
+
+    model_dir = build_tiny_llama(tmp_path / "m", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                                 num_key_value_heads=2)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = [list(range(5, 5 + n)) for n in (3, 29, 50, 11)]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    with torch.no_grad():
+        reference = [hf.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, len(p):]
+                     .tolist() for p in prompts]
+    engine = LLMEngine(EngineConfig(model=str(model_dir), dtype="float32", kv_cache_gib=0.01, block_size=4,
+                                    max_num_batched_tokens=16), verbose=False)
+    assert engine.runner.prefill_kernel
+    results, pending, step = {}, list(enumerate(prompts)), 0
+    while pending or engine.has_work:
+        if pending and step % 2 == 0:
+            i, ids = pending.pop(0)
+            engine.add_request(str(i), ids, greedy)
+        for out in engine.step():
+            if out.finished:
+                results[int(out.request_id)] = out.token_ids
+        step += 1
+    assert [results[i] for i in range(len(prompts))] == reference

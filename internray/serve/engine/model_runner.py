@@ -15,6 +15,7 @@ import torch
 from internray.serve.config import EngineConfig
 from internray.serve.engine.scheduler import ScheduledChunk
 from internray.serve.model import cpu_kernels
+from internray.serve.model.cpu_attention import PREFILL_HEAD_SIZES
 from internray.serve.model.layers import (
     AttentionBatch,
     PrefillSpan,
@@ -53,7 +54,7 @@ class StepInput:
     decode_index: np.ndarray  # [D]
     decode_blocks: np.ndarray  # [D, max blocks] block tables, zero-padded
     decode_lengths: np.ndarray  # [D] context lengths
-    prefills: list[tuple[int, int, np.ndarray | None, int]]  # (start, length, context blocks or None, context length)
+    prefills: list[tuple[int, int, np.ndarray, int]]  # (start, length, blocks of the whole context, context length)
 
 
 def slots_of(block_table: list[int], block_size: int, start: int, stop: int) -> np.ndarray:
@@ -75,8 +76,7 @@ def prepare_step(chunks: list[ScheduledChunk], block_size: int) -> StepInput:
             decode_tables.append(seq.block_table[:begin // block_size + 1])
             decode_lengths.append(begin + 1)
         else:
-            context = np.asarray(seq.block_table[:-(-(begin + n) // block_size)]) if begin else None
-            prefills.append((start, n, context, begin + n))
+            prefills.append((start, n, np.asarray(seq.block_table[:-(-(begin + n) // block_size)]), begin + n))
         sample_index.extend(range(start, start + chunk.prompt_logprob_rows))  # see LLMEngine.step
         start += n
         if chunk.samples:
@@ -104,6 +104,8 @@ class ModelRunner:
             self.kernels = cpu_kernels.load()
         self.model = self._load()
         attn = self.model.model.layers[0].self_attn
+        self.prefill_kernel = (self.kernels is not None and self.kernels.has_avx512()
+                               and attn.head_dim in PREFILL_HEAD_SIZES)
         self.block_size = engine.block_size
         self.kv_caches = [KVCache.allocate(num_blocks, engine.block_size, attn.num_kv_heads, attn.head_dim, dtype,
                                            self.device, int8=engine.kv_cache_dtype == "int8")
@@ -131,16 +133,15 @@ class ModelRunner:
             width = step.decode_blocks.shape[1] * self.block_size
             decode_mask = (torch.arange(width, device=self.device)[None] < lengths[:, None])[:, None, None]
         prefills = []
-        for start, length, context, context_len in step.prefills:
+        for start, length, blocks, context_len in step.prefills:
             mask = None
-            if context is not None:
+            if not self.prefill_kernel and context_len > length:
                 rows = torch.arange(length, device=self.device)[:, None] + (context_len - length)
                 mask = torch.arange(context_len, device=self.device)[None] <= rows
-                context = self._tensor(context)
-            prefills.append(PrefillSpan(start, length, context, mask))
+            prefills.append(PrefillSpan(start, length, self._tensor(blocks), context_len, mask))
         return AttentionBatch(self._tensor(step.slot_mapping), self._tensor(step.decode_index),
                               self._tensor(step.decode_blocks), lengths, decode_mask, self.kernels,
-                              prefills)
+                              self.prefill_kernel, prefills)
 
     def _use_threads(self) -> None:
         """OpenMP thread counts belong to the calling thread, which would otherwise start from Ray

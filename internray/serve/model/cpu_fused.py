@@ -11,7 +11,7 @@ Each keeps eager PyTorch's rounding between ops (a 16-bit result wherever an op 
 tensors would leave one), so they match the unfused path to the last bit except where fp32 sums
 are ordered differently or exp differs by an ulp (tests/test_serve_cpu_fused.py bounds this).
 fp32 models keep the plain ops, whose results the engine's tests compare token for token with
-Hugging Face. The kernels exist where the CPU has AVX-512 (`has_fused_ops`); elsewhere the
+Hugging Face. The kernels exist where the CPU has AVX-512 (`has_avx512`); elsewhere the
 model runs the plain ops.
 
 SmolLM2 in bf16, 2 threads: unfused, these ops took 270 ms of a 2,048-token prefill step and
@@ -24,14 +24,6 @@ from __future__ import annotations
 import torch
 
 SOURCE = r"""
-bool has_fused_ops() {
-#ifdef INTERNRAY_AVX512
-  return true;
-#else
-  return false;
-#endif
-}
-
 #ifdef INTERNRAY_AVX512
 // Rows go to threads in chunks of ~32k numbers: a decode step's few rows stay on one thread.
 static int64_t row_grain(int64_t row_size) { return std::max<int64_t>(1, (int64_t(1) << 15) / row_size); }
@@ -104,7 +96,7 @@ static void rotary_rows(T* x, const T* cos, const T* sin, int64_t rows, int64_t 
 #endif
 
 static void check_rows(const at::Tensor& x, int64_t multiple, const char* what) {
-  TORCH_CHECK(has_fused_ops(), "fused ops need AVX-512 (check has_fused_ops() first)");
+  TORCH_CHECK(has_avx512(), "fused ops need AVX-512 (check has_avx512() first)");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), what, ": needs a contiguous 2-d tensor");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, what, ": bf16 or fp16 only");
   TORCH_CHECK(x.size(1) % multiple == 0, what, ": row size must be a multiple of ", multiple);
@@ -154,7 +146,7 @@ void rotary_(at::Tensor x, at::Tensor cos, at::Tensor sin, int64_t heads, int64_
 }
 """
 
-FUNCTIONS = ["has_fused_ops", "rms_norm", "silu_and_mul", "rotary_"]
+FUNCTIONS = ["rms_norm", "silu_and_mul", "rotary_"]
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -162,5 +154,5 @@ FUSED_DTYPES = (torch.bfloat16, torch.float16)
 def usable(kernel, dtype: torch.dtype, hidden_size: int, intermediate_size: int, head_dim: int) -> bool:
     """Whether the model's shapes (per tensor-parallel rank) and dtype suit the fused kernels built
     for this CPU."""
-    return (kernel is not None and kernel.has_fused_ops() and dtype in FUSED_DTYPES and hidden_size % 16 == 0
+    return (kernel is not None and kernel.has_avx512() and dtype in FUSED_DTYPES and hidden_size % 16 == 0
             and intermediate_size % 16 == 0 and head_dim % 32 == 0)

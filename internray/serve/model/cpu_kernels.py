@@ -92,6 +92,16 @@ static inline __m512 exp16(__m512 x) {
 
 static inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 #endif
+
+// Whether this build has the AVX-512 kernels (prefill attention, fused ops); decode attention
+// always has its portable loop.
+bool has_avx512() {
+#ifdef INTERNRAY_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
 """
 
 
@@ -125,7 +135,7 @@ def load():
         source_tag = hashlib.sha1(source.encode()).hexdigest()[:8]
         return load_inline(
             name=f"internray_cpu_kernels_{source_tag}_{_cpu_flavour()}", cpp_sources=source,
-            functions=cpu_attention.FUNCTIONS + cpu_fused.FUNCTIONS,
+            functions=["has_avx512"] + cpu_attention.FUNCTIONS + cpu_fused.FUNCTIONS,
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"],
             verbose=False)
     except Exception as exc:  # no compiler, no headers, an unusual platform: the portable path still works

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from internray.serve.model.cpu_attention import decode_attention
+from internray.serve.model.cpu_attention import decode_attention, prefill_attention
 from internray.serve.model.kv_cache import KVCache
 
 
@@ -137,11 +137,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 @dataclass
 class PrefillSpan:
-    """One sequence's chunk in a step: tokens [start, start + length) of the flat batch."""
+    """One sequence's chunk in a step: tokens [start, start + length) of the flat batch, the last
+    `length` of its first `context_len` tokens."""
     start: int
     length: int
-    context_blocks: torch.Tensor | None  # cache blocks holding all context tokens; None: no earlier context
-    mask: torch.Tensor | None  # [length, context] causal mask with the chunk's offset
+    blocks: torch.Tensor  # the cache blocks holding all `context_len` tokens, the chunk's own included
+    context_len: int
+    mask: torch.Tensor | None  # SDPA after earlier context: [length, context_len] causal mask with the chunk's offset
 
 
 @dataclass
@@ -152,7 +154,8 @@ class AttentionBatch:
     decode_blocks: torch.Tensor  # [decodes, max blocks] block tables (padded)
     decode_lengths: torch.Tensor  # [decodes] context lengths, the new token included
     decode_mask: torch.Tensor | None  # [decodes, 1, 1, max blocks * block size] True where a slot is real
-    decode_kernel: object | None = None  # compiled CPU kernels (model/cpu_kernels.py); None: gather + SDPA
+    kernels: object | None = None  # compiled CPU kernels (model/cpu_kernels.py); None: gather + SDPA
+    prefill_kernel: bool = False  # prefill chunks through `kernels` too (AVX-512, head sizes 32/64/128)
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -161,13 +164,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     """Store this step's keys/values in the cache, then attend. q: [T, H, D]; k, v: [T, Hkv, D].
     Decoding sequences are one batched call: the compiled kernel where there is one (no padded copy
     of the batch's context), else a gather of their blocks and one masked SDPA. Each prefill chunk
-    is its own call (causal, offset by its cached context)."""
+    is its own call (causal, offset by its cached context): the compiled kernel reading the cache,
+    or SDPA on the chunk's keys (after a gather of the blocks when there is earlier context)."""
     kv_cache.write(batch.slot_mapping, k, v)
     out = torch.empty_like(q)
     if len(batch.decode_index):
         qd = q[batch.decode_index]  # [B, H, D]
-        if batch.decode_kernel is not None:
-            od = decode_attention(qd, kv_cache, batch.decode_blocks, batch.decode_lengths, batch.decode_kernel)
+        if batch.kernels is not None:
+            od = decode_attention(qd, kv_cache, batch.decode_blocks, batch.decode_lengths, batch.kernels)
         else:
             kvd = kv_cache.gather(batch.decode_blocks, q.dtype)  # [B, S, 2, Hkv, D]
             kd, vd = kvd[:, :, 0].transpose(1, 2), kvd[:, :, 1].transpose(1, 2)  # [B, Hkv, S, D]
@@ -176,11 +180,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         out[batch.decode_index] = od
     for span in batch.prefills:
         rows = slice(span.start, span.start + span.length)
+        if batch.prefill_kernel:
+            out[rows] = prefill_attention(q[rows], kv_cache, span.blocks, span.context_len, batch.kernels)
+            continue
         qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
-        if span.context_blocks is None:
+        if span.context_len == span.length:
             kp, vp = k[rows], v[rows]
         else:
-            kvp = kv_cache.gather(span.context_blocks[None], q.dtype)[0, :span.mask.shape[1]]
+            kvp = kv_cache.gather(span.blocks[None], q.dtype)[0, :span.context_len]
             kp, vp = kvp[:, 0], kvp[:, 1]
         kp, vp = kp.transpose(0, 1).unsqueeze(0), vp.transpose(0, 1).unsqueeze(0)
         op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=span.mask, is_causal=span.mask is None,

@@ -39,9 +39,9 @@ def test_kernel_equals_gather_and_sdpa(kernel, heads, kv_heads, dim, dtype, bloc
     lengths = torch.tensor([1, block - 1, block, block + 1, 2 * block + 1, 4 * block, 4 * block + 1])  # around block edges
     width = -(-int(lengths.max()) // block)
     tables = torch.stack([torch.randperm(blocks, generator=gen)[:width] for _ in range(batch)])
-    q = torch.randn(batch, heads, dim, generator=gen).to(dtype)
+    q = torch.randn(batch, heads + 2 * kv_heads, dim, generator=gen).to(dtype)[:, :heads]  # rows of a fused qkv
     out = cpu_attention.decode_attention(q, cache, tables, lengths, kernel)
-    assert out.shape == q.shape and out.dtype == dtype
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
     torch.testing.assert_close(out.float(), sdpa_reference(q, cache, tables, lengths), atol=tol, rtol=tol)
 
 

@@ -201,7 +201,7 @@ static void run(const at::Tensor& q, const at::Tensor& cache, const at::Tensor* 
     std::vector<float> qf(G * D), work(G * block + block * D + G * D + D + 2 * G);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, g = task % Hkv;
-      const T* qg = qp + (b * H + g * G) * D;
+      const T* qg = qp + b * q.stride(0) + g * G * D;  // q's tokens may be rows of the fused qkv output
       for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(qg[i]) * static_cast<float>(scale);
       const int64_t* table = tp + b * table_width;
       T* o = op + (b * H + g * G) * D;
@@ -383,10 +383,10 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor cache, std::optional<at::Te
   } else {
     TORCH_CHECK(q.scalar_type() == cache.scalar_type(), "q and cache dtypes differ");
   }
-  q = q.contiguous();
+  if (q.stride(2) != 1 || q.stride(1) != q.size(2)) q = q.contiguous();
   tables = tables.contiguous();
   lengths = lengths.contiguous();
-  auto out = at::empty_like(q);
+  auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   if (q.size(0) == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
     if (scales) run_for_head_dim<scalar_t, int8_t>(q, cache, &*scales, tables, lengths, out, scale);

@@ -167,6 +167,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     is its own call (causal, offset by its cached context): the compiled kernel reading the cache,
     or SDPA on the chunk's keys (after a gather of the blocks when there is earlier context)."""
     kv_cache.write(batch.slot_mapping, k, v)
+    if batch.kernels is not None and len(batch.decode_index) == len(q):  # decodes only, in order: no copies in or out
+        return decode_attention(q, kv_cache, batch.decode_blocks, batch.decode_lengths, batch.kernels)
     out = torch.empty_like(q)
     if len(batch.decode_index):
         qd = q[batch.decode_index]  # [B, H, D]

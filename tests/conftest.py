@@ -43,6 +43,21 @@ def build_tiny_llama(out: Path, *, vocab_size: int = 512, spare_tokens: int = 0,
     return out
 
 
+def generate_joining(engine, prompts: list[list[int]], params, every: int) -> list[list[int]]:
+    """Step `engine` by hand, adding the next prompt every `every` steps, so requests join a batch
+    that is already prefilling and decoding; the outputs in prompt order."""
+    results, pending, step = {}, list(enumerate(prompts)), 0
+    while pending or engine.has_work:
+        if pending and step % every == 0:
+            i, ids = pending.pop(0)
+            engine.add_request(str(i), ids, params)
+        for out in engine.step():
+            if out.finished:
+                results[int(out.request_id)] = out.token_ids
+        step += 1
+    return [results[i] for i in range(len(prompts))]
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")

@@ -141,7 +141,7 @@ def test_prefill_kernel_never_reads_past_the_context_and_refuses_other_head_size
 def test_engine_with_compiled_prefill_equals_hf_on_chunked_mixed_batches(avx512, tmp_path):
     """Head size 32 takes the compiled prefill: prompts chunked over small blocks and a small token
     budget, joining a batch that is already decoding, must still continue exactly as HF does."""
-    from conftest import build_tiny_llama
+    from conftest import build_tiny_llama, generate_joining
     from transformers import AutoModelForCausalLM
 
     from internray.serve.config import EngineConfig
@@ -159,13 +159,4 @@ def test_engine_with_compiled_prefill_equals_hf_on_chunked_mixed_batches(avx512,
     engine = LLMEngine(EngineConfig(model=str(model_dir), dtype="float32", kv_cache_gib=0.01, block_size=4,
                                     max_num_batched_tokens=16), verbose=False)
     assert engine.runner.prefill_kernel
-    results, pending, step = {}, list(enumerate(prompts)), 0
-    while pending or engine.has_work:
-        if pending and step % 2 == 0:
-            i, ids = pending.pop(0)
-            engine.add_request(str(i), ids, greedy)
-        for out in engine.step():
-            if out.finished:
-                results[int(out.request_id)] = out.token_ids
-        step += 1
-    assert [results[i] for i in range(len(prompts))] == reference
+    assert generate_joining(engine, prompts, greedy, every=2) == reference

@@ -19,6 +19,8 @@ from internray.serve.engine.sampling_params import InvalidRequest, SamplingParam
 from internray.serve.engine.sequence import Sequence
 from internray.serve.model.loader import cpu_has_bf16_instructions
 
+from conftest import generate_joining
+
 PROMPTS = ["def f(x):\n    return", "import os", "class A:\n    def __init__(self, a, b):\n        self.a = a\n" * 3,
            "x", "for i in range(10):\n    print(i)\n" * 2]
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
@@ -61,17 +63,7 @@ def test_greedy_single_requests_equal_hf_generate(tiny_llama_dir, prompts, refer
 def test_mixed_batch_joining_at_different_steps_equals_hf(tiny_llama_dir, prompts, reference, compiled):
     # small blocks and a small token budget: prompts are chunked and mixed with running decodes
     config = engine_config(tiny_llama_dir, block_size=4, max_num_batched_tokens=16, compiled_cpu_kernels=compiled)
-    engine = LLMEngine(config, verbose=False)
-    results, pending, step = {}, list(enumerate(prompts)), 0
-    while pending or engine.has_work:
-        if pending and step % 3 == 0:  # a new request every third step
-            i, ids = pending.pop(0)
-            engine.add_request(str(i), ids, GREEDY)
-        for out in engine.step():
-            if out.finished:
-                results[int(out.request_id)] = out.token_ids
-        step += 1
-    assert [results[i] for i in range(len(prompts))] == reference
+    assert generate_joining(LLMEngine(config, verbose=False), prompts, GREEDY, every=3) == reference
 
 
 def test_prefix_cache_hits_give_the_same_tokens_as_misses(tiny_llama_dir, prompts, reference):

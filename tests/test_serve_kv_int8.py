@@ -54,8 +54,11 @@ def test_int8_cache_decodes_like_the_bf16_cache(smollm2_dir, tokenizer):
 
 
 def test_int8_cache_scores_a_long_text_read_back_in_chunks_like_bf16(smollm2_dir, tokenizer):
-    """Teacher-forced: the same 400 tokens scored through 32-token prefill chunks, so every chunk
-    after the first attends to keys and values read back from the (quantized) cache."""
+    """Teacher-forced: the same 400 tokens scored through 32-token prefill chunks attending to keys
+    and values read back from the (quantized) cache. With the compiled prefill kernel the first
+    chunk reads them back too (as a prefix-cache hit would, and vLLM's quantized caches do), so no
+    chunk sees exact keys: mean |d logprob| 0.016 against bf16's own 0.009 from fp32, worst 0.73 on
+    one early token (0.010 and 0.45 when the first chunk used exact keys)."""
     ids = tokenizer(" ".join(TEXTS) * 12)["input_ids"][:400]
     params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
 
@@ -70,4 +73,4 @@ def test_int8_cache_scores_a_long_text_read_back_in_chunks_like_bf16(smollm2_dir
     bf16_vs_fp32 = [abs(a - b) for a, b in zip(bf16, scores("float32", "auto"))]
     assert len(int8) == 399
     mean = sum(int8) / len(int8)
-    assert mean < 2 * sum(bf16_vs_fp32) / len(bf16_vs_fp32) and max(int8) < 0.6, (mean, max(int8))
+    assert mean < 2.5 * sum(bf16_vs_fp32) / len(bf16_vs_fp32) and max(int8) < 1.0, (mean, max(int8))

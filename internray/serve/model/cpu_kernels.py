@@ -8,8 +8,9 @@ extension cache (one build per CPU flavour and source, ~40 s, then reused). With
 attention, unfused norms and activations).
 
 `PRELUDE` holds what both sources share: the AVX-512 conversions between 16 lanes of fp32 and
-16-bit or int8 storage, and a vectorized exp. Each kernel also has a portable loop, for other
-CPUs and head sizes.
+16-bit or int8 storage, and a vectorized exp. Only decode attention also has a portable loop
+(other CPUs and head sizes); prefill attention and the fused ops exist in AVX-512 builds alone
+(`has_avx512()`), and elsewhere the model uses SDPA and the plain ops for them.
 """
 from __future__ import annotations
 

@@ -123,6 +123,9 @@ class PackSection(Section):
 class ScalingSection(Section):
     read_concurrency: int | None = Field(None, ge=1)
     map_concurrency: int | None = Field(None, ge=1)
+    docs_per_file: int = Field(10_000, ge=1)
+    """Documents per Parquet file in the step outputs: a text tree reads one block per file, and
+    writing those as they come would leave one tiny file per input file for every later step to open."""
 
 
 class DataConfig(Section):

@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from ray.data.expressions import col
@@ -49,7 +51,7 @@ def run_data(config: DataConfig) -> Run:
 
     _step(run, "ingest", lambda out: read_sources(config.sources, config.scaling.read_concurrency)
           .map_batches(clean_batch, batch_format="pyarrow", fn_kwargs={"cfg": config.clean.model_dump(), "kinds": {s.name: s.kind for s in config.sources}})
-          .write_parquet(str(out)))
+          .write_parquet(str(out), min_rows_per_file=config.scaling.docs_per_file))
     _step(run, "exact_dedup", lambda out: _drop_listed(
         run, "ingest", out, "exact_dup", config,
         lambda docs: exact_duplicates(docs, run.path("work", "exact"), config.fuzzy_dedup.partitions),
@@ -74,7 +76,7 @@ def run_data(config: DataConfig) -> Run:
 
     _step(run, "rejects", lambda out: ray.data.read_parquet(str(run.path("stages", "ingest")))
           .map_batches(lambda b: b.filter(pc.starts_with(b["drop"], "reject:")), batch_format="pyarrow")
-          .write_parquet(str(out)))
+          .write_parquet(str(out), min_rows_per_file=config.scaling.docs_per_file))
     run.add_output("rejects", run.path("stages", "rejects"))
     summary = _summarize(run)
     run.update(counts=summary)
@@ -110,7 +112,7 @@ def _drop_listed(run: Run, previous: str, out: Path, reason: str, config: DataCo
         duplicates = find(docs)
         docs = docs.map_batches(DropListed, batch_format="pyarrow", fn_constructor_args=(str(duplicates), reason),
                                 concurrency=_actors(config))
-    docs.write_parquet(str(out))
+    docs.write_parquet(str(out), min_rows_per_file=config.scaling.docs_per_file)
 
 
 def _decontaminate(run: Run, out: Path, config: DataConfig) -> None:
@@ -123,7 +125,7 @@ def _decontaminate(run: Run, out: Path, config: DataConfig) -> None:
         docs = docs.map_batches(
             MarkContaminated, batch_format="pyarrow", concurrency=_actors(config),
             fn_constructor_args=(str(index), section.ngram, section.min_matches, section.action))
-    docs.write_parquet(str(out))
+    docs.write_parquet(str(out), min_rows_per_file=config.scaling.docs_per_file)
 
 
 def _ngram_index(docs: ray.data.Dataset, out: Path, n: int) -> None:
@@ -148,20 +150,23 @@ def _pack(docs: ray.data.Dataset, out: Path, split: str, config: DataConfig, run
     weights = {s.name: s.weight for s in config.sources}
     share = config.pack.validation_fraction if split == "validation" else 1 - config.pack.validation_fraction
     groups = max(1, round(docs.count() * share / config.pack.group_docs))
+    # no more shuffle partitions than groups: Ray's default (200) costs ~20 s on a small corpus
+    partitions = min(groups, ray.data.DataContext.get_current().default_hash_shuffle_parallelism)
     docs.map_batches(
         Tokenize, batch_format="pyarrow", concurrency=_actors(config),
         fn_constructor_args=(str(run.path("stages", "tokenizer")), weights, split, config.pack.validation_fraction,
                              groups),
-    ).groupby("group").map_groups(
+    ).groupby("group", num_partitions=partitions).map_groups(
         pack_group, batch_format="pyarrow", fn_kwargs={"seq_len": config.pack.seq_len},
     ).write_parquet(str(out), min_rows_per_file=config.pack.rows_per_shard)
 
 
 def _summarize(run: Run) -> dict:
     """Counts by outcome, straight from the step outputs; `balanced` checks input = kept + removed."""
-    removed_rows = ray.data.read_parquet([str(run.path("stages", s)) for s in STEPS]) \
-        .filter(expr=col("drop").is_not_null()).groupby("drop").count().take_all()
-    removed = {r["drop"]: r["count()"] for r in removed_rows}
+    removed: Counter[str] = Counter()
+    for counts in ray.data.read_parquet([str(run.path("stages", s)) for s in STEPS]).select_columns(["drop"]) \
+            .map_batches(_drop_counts, batch_format="pyarrow").iter_rows():
+        removed[counts["drop"]] += counts["count"]
     input_records = ray.data.read_parquet(str(run.path("stages", "ingest"))).count()
     kept_docs = kept(run, STEPS[-1]).count()
     summary = {"input_records": input_records, "kept_documents": kept_docs, "removed": dict(sorted(removed.items()))}
@@ -170,6 +175,12 @@ def _summarize(run: Run) -> dict:
         packed = ray.data.read_parquet(str(run.path("stages", split)))
         summary[split] = {"sequences": packed.count(), "tokens": int(packed.sum("num_tokens") or 0)}
     return summary
+
+
+def _drop_counts(batch: pa.Table) -> pa.Table:
+    """Rows per drop reason in one block: a few rows per block, summed on the driver (no shuffle)."""
+    counts = pc.value_counts(batch.column("drop").drop_null())
+    return pa.table({"drop": counts.field("values"), "count": counts.field("counts")})
 
 
 def format_summary(summary: dict) -> str:

@@ -108,7 +108,7 @@ def main() -> None:
     from internray.serve.launch import serve_config, start
 
     model_dir = Path(args.model) if args.model else serve_bench.smollm2_dir()
-    runtime.connect(worker_niceness=0)
+    runtime.connect(env=runtime.SERVING_CLUSTER_ENV)
     config = serve_config([str(model_dir)], {"server": {"cpus_per_replica": 0}}, served_name="model",
                           port=free_port(), kv_cache_gib=0.5)
     url = start(config)

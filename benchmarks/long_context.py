@@ -80,10 +80,10 @@ def needle_through_eval(model: Path, lengths: list[int], depths: list[float], ar
     from internray.config import validate_config
     from internray.eval.config import EvalConfig
     from internray.eval.runner import run_eval
-    from internray.runtime import connect, free_port
+    from internray.runtime import SERVING_CLUSTER_ENV, connect, free_port
     from internray.serve.launch import serve_config, start
 
-    connect(worker_niceness=0)
+    connect(env=SERVING_CLUSTER_ENV)
     models = [{"model": str(model), "served_name": name, "dtype": "bfloat16", "kv_cache_dtype": kv,
                "kv_cache_gib": args.kv_gib, "max_num_batched_tokens": 2048} for name, kv in CACHES.items()]
     url = start(serve_config([], {"models": models, "server": {"cpus_per_replica": 0}}, port=free_port()))

@@ -167,10 +167,10 @@ def accuracy_through_eval(checkpoints: dict[str, Path], args) -> dict:
     from internray.config import validate_config
     from internray.eval.config import EvalConfig
     from internray.eval.runner import run_eval
-    from internray.runtime import connect, free_port
+    from internray.runtime import SERVING_CLUSTER_ENV, connect, free_port
     from internray.serve.launch import serve_config, start
 
-    connect(worker_niceness=0)
+    connect(env=SERVING_CLUSTER_ENV)
     models = [{"model": str(path), "served_name": name.replace(" ", "-"), "dtype": "bfloat16", "kv_cache_gib": 0.25}
               for name, path in checkpoints.items()]
     url = start(serve_config([], {"models": models, "server": {"cpus_per_replica": 0}}, port=free_port()))

@@ -117,7 +117,9 @@ def serve_command(args) -> int:
     for model in config.models:
         if not Path(model.model, "config.json").is_file():
             raise FileNotFoundError(f"serve: {model.model} is not an HF checkpoint directory (no config.json)")
-    _connect(args.address, worker_niceness=0)  # engines are latency-bound: see runtime.raise_thread_priority
+    from internray.runtime import SERVING_CLUSTER_ENV
+
+    _connect(args.address, env=SERVING_CLUSTER_ENV)
     serve_forever(config)
     return 0
 

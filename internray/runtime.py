@@ -28,16 +28,32 @@ DASHBOARD_HOST = "127.0.0.1"
 _dashboard_url: str | None = None
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, worker_niceness: int | None = None) -> dict:
+SERVING_CLUSTER_ENV = {
+    # engines are latency-bound: see raise_thread_priority
+    "RAY_worker_niceness": "0",
+    # Ray Serve's throughput mode (Ray >= 2.56): the ingress replica answers HTTP itself instead of
+    # behind the proxy's extra hop, and user code runs on the replica's own event loop. Every
+    # streamed token crosses that path, and on a CPU host its work is taken from the engine's
+    # threads: SmolLM2 online TPOT p50 fell from 50-54 to 38-39 ms (benchmarks/serve.py load, 2 CPUs).
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # that mode holds a stopping ingress replica open 30 s so an external load balancer can
+    # deregister it; an embedded cluster has none in front, and Ctrl-C should not wait that long
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
+"""Environment for an embedded cluster that serves models; set it on a real cluster's nodes too
+(cluster/ does) since Ray reads it when its processes start."""
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, env: dict[str, str] | None = None) -> dict:
     """Join `address` (or `RAY_ADDRESS`), else start an embedded cluster; return where it is.
-    `worker_niceness` (embedded cluster only) overrides Ray's default of 15 for its worker
-    processes: the serve stage wants 0, see `raise_thread_priority`."""
+    `env` (embedded cluster only) is set, where not already set, before the cluster starts: the
+    raylet reads it and its workers inherit it (`SERVING_CLUSTER_ENV` for `internray serve`)."""
     global _dashboard_url
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
         if address is None:
-            if worker_niceness is not None:  # read by the raylet we start and inherited by its workers
-                os.environ.setdefault("RAY_worker_niceness", str(worker_niceness))
+            for key, value in (env or {}).items():
+                os.environ.setdefault(key, value)
             context = ray.init(
                 num_cpus=num_cpus,
                 include_dashboard=True,

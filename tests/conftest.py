@@ -17,7 +17,9 @@ def ray_cluster():
     from internray import runtime
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    info = runtime.connect(num_cpus=2)
+    # the Serve mode `internray serve` starts its cluster in, so the Serve tests exercise that path
+    serve_mode = {k: v for k, v in runtime.SERVING_CLUSTER_ENV.items() if k.startswith("RAY_SERVE_")}
+    info = runtime.connect(num_cpus=2, env=serve_mode)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield info
     runtime.shutdown()

@@ -31,10 +31,11 @@ _dashboard_url: str | None = None
 SERVING_CLUSTER_ENV = {
     # engines are latency-bound: see raise_thread_priority
     "RAY_worker_niceness": "0",
-    # Ray Serve's throughput mode (Ray >= 2.56): the ingress replica answers HTTP itself instead of
-    # behind the proxy's extra hop, and user code runs on the replica's own event loop. Every
-    # streamed token crosses that path, and on a CPU host its work is taken from the engine's
-    # threads: SmolLM2 online TPOT p50 fell from 50-54 to 38-39 ms (benchmarks/serve.py load, 2 CPUs).
+    # Ray Serve's throughput mode (Ray >= 2.56): direct ingress (ingress replicas run their own
+    # HTTP servers), gRPC between proxy and replicas, user code on the replica's event loop, a frozen
+    # GC and buffered request logs. Every streamed token crosses that path, and on a CPU host its
+    # work is taken from the engine's threads: SmolLM2 online TPOT p50 fell from 50-54 to 38-39 ms
+    # (benchmarks/serve.py load, 2 CPUs). The loop and gRPC flags alone gave nothing.
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     # that mode holds a stopping ingress replica open 30 s so an external load balancer can
     # deregister it; an embedded cluster has none in front, and Ctrl-C should not wait that long

@@ -154,6 +154,13 @@ def test_every_source_type_contributes_documents(finished):
     assert any(r["id"] == "docs:p3" for r in kept_rows(finished))
 
 
+def test_document_stages_coalesce_into_files_of_docs_per_file(finished):
+    """The tree source reads one block per file; the step outputs must not keep one file per block."""
+    for step in ("ingest", "exact_dedup", "fuzzy_dedup", "decontaminate"):
+        rows = len(stage(finished, step))
+        assert 4 < rows < 10_000 and len(list(finished.path("stages", step).glob("*.parquet"))) == 1, step
+
+
 def test_bad_input_goes_to_rejects_with_reason_and_location(finished):
     rejects: dict[str, set[str]] = {}
     for r in stage(finished, "rejects"):  # rows come in no fixed order: compare sets

@@ -69,6 +69,9 @@ class ScalingSection(Section):
     threads_per_worker: int = Field(1, ge=1)
     """torch intra-op threads per worker (Ray Train sets OMP_NUM_THREADS=1 otherwise)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
+    shared_memory_collectives: bool = True
+    """CPU workers all on one node reduce gradients and gather parameters through DeepSpeed's
+    shared-memory kernel instead of gloo's TCP loopback (train/cpu_collectives.py)."""
     offload_optimizer: bool = False
     offload_params: bool = False
     peak_flops_per_worker: float | None = Field(None, gt=0)

@@ -23,6 +23,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from internray.train import cpu_collectives
 from internray.train.config import TrainConfig
 from internray.train.engine import deepspeed_config, flops_per_token, optimizer_and_schedule, peak_flops
 from internray.train.objective import Objective, collate
@@ -47,8 +48,12 @@ def train_loop_per_worker(config_dict: dict) -> None:
         model.gradient_checkpointing_enable()
     objective.prepare(model)
     optimizer, schedule = optimizer_and_schedule(model, config)
+    shared_memory = (config.scaling.shared_memory_collectives and not config.scaling.use_gpu
+                     and cpu_collectives.prepare(context.get_world_size(), context.get_local_world_size()))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(config))
+    if shared_memory:
+        cpu_collectives.use_shared_memory_collectives()
     step, tokens_seen = restore(engine)
     objective.start(engine, step)
     batches = objective.batches(config_dict["pad_id"], skip=step * config.training.grad_accum_steps)

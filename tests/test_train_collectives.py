@@ -37,7 +37,8 @@ def compare_with_gloo(config: dict) -> None:
         return
     generator = torch.Generator().manual_seed(rank)
     for dtype in (torch.bfloat16, torch.float32):
-        for numel in (1000, 3_000_001):  # the kernel's small-message path, and its chunked one
+        # the kernel's small-message path, its large one, and (fp32: 36 MB) its 32 MiB chunks
+        for numel in (1000, 9_000_001):
             data = torch.randn(numel, generator=generator).to(dtype)
             ours, theirs = data.clone(), data.clone()
             comm.all_reduce(ours)

@@ -53,3 +53,36 @@ def test_a_tp2_serve_replica_reserves_its_ranks_and_answers_like_tp1(openai_serv
         assert any(len(g["bundles"]) == 2 for g in groups)  # the replica's bundle + its second rank's
     finally:
         serve.delete("tp2")
+
+
+def test_tp2_ranks_in_fresh_processes_all_reduce_through_shared_memory_and_agree_with_tp1(ray_cluster, tiny_llama_dir):
+    """The kernel joins once per process, so rank 0 runs in a fresh actor here (this test process
+    may have joined it already, in the test above)."""
+    import ray
+
+    from internray.serve.engine import cpu_allreduce
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompts = [tokenizer(p)["input_ids"] for p in ("def f(x):\n    return", "import os\nimport sys\n" * 4)]
+    params = SamplingParams(max_tokens=16, temperature=0, logprobs=1, ignore_eos=True)
+
+    def run(tp: int) -> tuple[int, list]:
+        config = EngineConfig(model=str(tiny_llama_dir), tensor_parallel_size=tp, kv_cache_gib=0.01, block_size=4,
+                              max_num_batched_tokens=16, threads_per_rank=1, dtype="float32")
+        engine = LLMEngine(config, cpus_per_rank=0.5, verbose=False)
+        try:
+            level = engine.runner.runner.tp.shared_memory_level if tp > 1 else 0
+            outputs = generate(engine, prompts, params)
+            return level, [(o.token_ids, [lp["logprob"] for lp in o.logprobs]) for o in outputs]
+        finally:
+            engine.shutdown()
+
+    kernel_level = ray.get(ray.remote(num_cpus=0)(lambda: cpu_allreduce._kernel() is not None).remote())
+    level, tp2 = ray.get(ray.remote(num_cpus=0.5)(run).remote(2))
+    _, tp1 = run(1)
+    if not kernel_level:
+        pytest.skip("DeepSpeed's shared-memory kernel is not available on this machine: TP stays on gloo")
+    assert level >= 1
+    for (tokens1, logprobs1), (tokens2, logprobs2) in zip(tp1, tp2):
+        assert tokens1 == tokens2
+        assert max(abs(a - b) for a, b in zip(logprobs1, logprobs2)) < 1e-4

@@ -56,8 +56,7 @@ def use_shared_memory_collectives() -> bool:
         return False
     torch.distributed.barrier()  # every rank has mapped every rank's segment: the names can go
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")  # the kernel's names
-    Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}").unlink(missing_ok=True)
+    unlink_segment(rank, os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""))
     level = backend.shm_vector_kernel_level
     if level < min(KERNEL_LEVEL_NEEDED.values()):
         return False
@@ -84,3 +83,9 @@ def use_shared_memory_collectives() -> bool:
 
     backend.all_reduce, backend.all_gather_into_tensor = all_reduce, all_gather_into_tensor
     return True
+
+
+def unlink_segment(rank: int, address: str, port: str) -> None:
+    """Remove this rank's /dev/shm name (the kernel names it after the group's address and port);
+    the memory stays mapped until every rank has exited."""
+    Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}").unlink(missing_ok=True)

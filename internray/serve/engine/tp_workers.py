@@ -17,13 +17,16 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from internray.runtime import free_port
 from internray.serve.config import EngineConfig
+from internray.serve.engine import cpu_allreduce
 from internray.serve.engine.model_runner import ModelRunner, StepInput, resolve_device
 from internray.serve.model.layers import TPInfo
 
 
-def init_group(rank: int, world: int, address: str, backend: str) -> None:
+def init_group(rank: int, world: int, address: str, backend: str) -> TPInfo:
+    """Join the ranks' process group; CPU ranks on one node also join the shared-memory all-reduce."""
     dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=300))
+    return TPInfo(rank, world, cpu_allreduce.join(rank, world, address) if backend == "gloo" else 0)
 
 
 @ray.remote
@@ -31,8 +34,7 @@ class RankWorker:
     """Rank >= 1: its model shard and KV-cache slice."""
 
     def __init__(self, engine: EngineConfig, rank: int, address: str, backend: str, num_blocks: int):
-        init_group(rank, engine.tensor_parallel_size, address, backend)
-        self.runner = ModelRunner(engine, TPInfo(rank, engine.tensor_parallel_size), num_blocks)
+        self.runner = ModelRunner(engine, init_group(rank, engine.tensor_parallel_size, address, backend), num_blocks)
 
     def ready(self) -> bool:
         return True
@@ -58,8 +60,8 @@ class TensorParallelGroup:
             if pg is not None:  # a Serve replica: bundle 0 is the replica itself
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
             self.workers.append(RankWorker.options(**options).remote(engine, rank, address, backend, num_blocks))
-        init_group(0, world, address, backend)  # returns once every rank has joined
-        self.runner = ModelRunner(engine, TPInfo(0, world), num_blocks)
+        tp = init_group(0, world, address, backend)  # returns once every rank has joined
+        self.runner = ModelRunner(engine, tp, num_blocks)
         ray.get([w.ready.remote() for w in self.workers])
 
     def execute(self, step: StepInput):

@@ -16,12 +16,22 @@ from torch import nn
 
 from internray.serve.model.cpu_attention import decode_attention, prefill_attention
 from internray.serve.model.kv_cache import KVCache
+from internray.train.cpu_collectives import KERNEL_LEVEL_NEEDED
 
 
 @dataclass
 class TPInfo:
     rank: int = 0
     size: int = 1
+    shared_memory_level: int = 0
+    """DeepSpeed's shared-memory all-reduce kernel's ISA level where the ranks joined it (CPU, one
+    node: serve/engine/cpu_allreduce.py); 0: all-reduce through the process group."""
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        if KERNEL_LEVEL_NEEDED.get(tensor.dtype, 99) <= self.shared_memory_level and tensor.is_contiguous():
+            torch.ops.deepspeed.inference_all_reduce_(tensor)
+        else:
+            dist.all_reduce(tensor)
 
 
 class Linear(nn.Module):
@@ -87,7 +97,7 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x, None)
         if self.tp.size > 1:
-            dist.all_reduce(y)
+            self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
 

@@ -1,6 +1,10 @@
 """Tensor parallelism on this machine: two ranks (this process + one Ray actor) in a gloo group."""
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -35,6 +39,7 @@ def test_a_tp2_serve_replica_reserves_its_ranks_and_answers_like_tp1(openai_serv
     from openai import OpenAI
     from ray import serve
     from ray.util import placement_group_table
+    from ray.util.state import list_actors
 
     from internray.serve.app import build_app
     from internray.serve.launch import serve_config
@@ -51,6 +56,17 @@ def test_a_tp2_serve_replica_reserves_its_ranks_and_answers_like_tp1(openai_serv
         assert answer == tp1.chat.completions.create(model="tiny", **request).choices[0].message.content
         groups = [g for g in placement_group_table().values() if g["state"] == "CREATED"]
         assert any(len(g["bundles"]) == 2 for g in groups)  # the replica's bundle + its second rank's
+
+        # a killed rank fails the replica's health check; Serve replaces it and the app answers again
+        (rank,) = list_actors(filters=[("class_name", "=", "RankWorker"), ("state", "=", "ALIVE")])
+        os.kill(rank.pid, signal.SIGKILL)
+        deadline, again = time.time() + 240, None
+        while again is None and time.time() < deadline:
+            try:
+                again = tp2.chat.completions.create(model="tiny-tp2", timeout=30, **request).choices[0].message.content
+            except Exception:  # noqa: BLE001 - the replica is down or restarting
+                time.sleep(2)
+        assert again == answer
     finally:
         serve.delete("tp2")
 

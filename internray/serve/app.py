@@ -44,6 +44,12 @@ class LLMServer:
     def model_card(self) -> dict:
         return self.serving.model_card()
 
+    def check_health(self) -> None:
+        """Serve's periodic probe: a dead tensor-parallel rank fails it, and Serve replaces the
+        replica (and its placement group, so its ranks) instead of leaving it hung."""
+        if hasattr(self.engine.engine.runner, "check_ranks"):
+            self.engine.engine.runner.check_ranks()
+
     def metrics(self) -> bytes:
         return self.engine.engine.metrics.render(self.engine.status())
 

@@ -71,6 +71,14 @@ class TensorParallelGroup:
         ray.get(pending)  # surfaces a failed rank instead of hanging on the next all-reduce
         return logits
 
+    def check_ranks(self) -> None:
+        """Raise if a rank's actor died. Rank 0 would not notice by itself: in the shared-memory
+        kernel it waits for a dead peer forever. A rank busy in a long step is not dead."""
+        try:
+            ray.get([w.ready.remote() for w in self.workers], timeout=5)
+        except ray.exceptions.GetTimeoutError:
+            pass
+
     def load_weights(self, weights: dict) -> None:
         ref = ray.put(weights)
         pending = [w.load_weights.remote(ref) for w in self.workers]

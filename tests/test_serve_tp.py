@@ -13,9 +13,15 @@ from internray.serve.engine.llm_engine import LLMEngine, generate
 from internray.serve.engine.sampling_params import SamplingParams
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
-def test_tp2_gives_the_same_tokens_and_logprobs_as_tp1(ray_cluster, tiny_llama_dir, kv_cache_dtype):
-    """Each rank caches its own heads; an int8 cache quantizes per head, so the split changes nothing."""
+@pytest.mark.parametrize("kv_cache_dtype,step_ring", [("auto", True), ("int8", True), ("auto", False)])
+def test_tp2_gives_the_same_tokens_and_logprobs_as_tp1(ray_cluster, tiny_llama_dir, kv_cache_dtype, step_ring,
+                                                       monkeypatch):
+    """Each rank caches its own heads; an int8 cache quantizes per head, so the split changes nothing.
+    Steps reach rank 1 through the shared-memory ring, or (step_ring=False) through Ray calls, the
+    path ranks on other nodes take."""
+    from internray.serve.engine.tp_workers import TensorParallelGroup
+
+    monkeypatch.setattr(TensorParallelGroup, "step_ring", step_ring)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     prompts = [tokenizer(p)["input_ids"] for p in ("def f(x):\n    return", "import os\nimport sys\n" * 4, "x")]
     params = SamplingParams(max_tokens=16, temperature=0, logprobs=1, ignore_eos=True)
@@ -26,6 +32,8 @@ def test_tp2_gives_the_same_tokens_and_logprobs_as_tp1(ray_cluster, tiny_llama_d
                               kv_cache_dtype=kv_cache_dtype, dtype="float32")
         engine = LLMEngine(config, cpus_per_rank=0.5, verbose=False)
         try:
+            if tp == 2:
+                assert (engine.runner.ring is not None) == step_ring
             outputs[tp] = generate(engine, prompts, params)
         finally:
             engine.shutdown()

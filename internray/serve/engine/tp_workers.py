@@ -2,12 +2,15 @@
 actors, and all N join one torch.distributed group (gloo on CPU, NCCL on GPU).
 
 Each step the engine sends the same `StepInput` to every rank and runs rank 0 itself; the ranks
-meet only inside the row-parallel all-reduces. Under Ray Serve the actors are placed in the
-replica's own placement group (`placement_group_bundles`), so a replica and its ranks come and go
-together.
+meet only inside the row-parallel all-reduces. When every rank shares rank 0's node, the steps go
+through a shared-memory ring (step_ring.py) that the ranks follow in a loop; otherwise through one
+Ray actor call per rank and step. Under Ray Serve the actors are placed in the replica's own
+placement group (`placement_group_bundles`), so a replica and its ranks come and go together.
 """
 from __future__ import annotations
 
+import os
+import traceback
 from datetime import timedelta
 
 import ray
@@ -19,6 +22,7 @@ from internray.runtime import free_port
 from internray.serve.config import EngineConfig
 from internray.serve.engine import cpu_allreduce
 from internray.serve.engine.model_runner import ModelRunner, StepInput, resolve_device
+from internray.serve.engine.step_ring import StepRing
 from internray.serve.model.layers import TPInfo
 
 
@@ -29,15 +33,35 @@ def init_group(rank: int, world: int, address: str, backend: str) -> TPInfo:
     return TPInfo(rank, world, cpu_allreduce.join(rank, world, address) if backend == "gloo" else 0)
 
 
-@ray.remote
+@ray.remote(max_concurrency=2)  # `ready` answers while `follow` runs
 class RankWorker:
     """Rank >= 1: its model shard and KV-cache slice."""
 
     def __init__(self, engine: EngineConfig, rank: int, address: str, backend: str, num_blocks: int):
+        self.rank = rank
         self.runner = ModelRunner(engine, init_group(rank, engine.tensor_parallel_size, address, backend), num_blocks)
+        self.ring: StepRing | None = None
 
     def ready(self) -> bool:
         return True
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def attach(self, path: str, readers: int) -> None:
+        self.ring = StepRing.attach(path, self.rank - 1, readers)
+
+    def follow(self) -> None:
+        """Run each step rank 0 writes to the ring, until the actor is killed. A step that fails
+        ends this process: rank 0 would wait for this rank in the next all-reduce anyway, and a
+        dead rank is what the replica's health check looks for."""
+        while True:
+            step = self.ring.receive()
+            try:
+                self.runner.execute(step)
+            except BaseException:  # noqa: BLE001 - whatever it was, this rank can no longer keep step
+                traceback.print_exc()
+                os._exit(1)
 
     def execute(self, step: StepInput) -> None:
         self.runner.execute(step)
@@ -48,6 +72,9 @@ class RankWorker:
 
 class TensorParallelGroup:
     """The engine's handle on all ranks: `execute(step)` returns rank 0's logits."""
+
+    step_ring = True
+    """Send steps to ranks on this node through shared memory; False: always through Ray calls."""
 
     def __init__(self, engine: EngineConfig, num_blocks: int, cpus_per_rank: float = 1.0, gpus_per_rank: float = 0.0):
         world = engine.tensor_parallel_size
@@ -62,9 +89,24 @@ class TensorParallelGroup:
             self.workers.append(RankWorker.options(**options).remote(engine, rank, address, backend, num_blocks))
         tp = init_group(0, world, address, backend)  # returns once every rank has joined
         self.runner = ModelRunner(engine, tp, num_blocks)
-        ray.get([w.ready.remote() for w in self.workers])
+        nodes = ray.get([w.node_id.remote() for w in self.workers])
+        local = all(node == ray.get_runtime_context().get_node_id() for node in nodes)
+        self.ring = self._start_ring() if local and self.step_ring else None
+
+    def _start_ring(self) -> StepRing:
+        ring = StepRing.create(readers=len(self.workers))
+        try:
+            ray.get([w.attach.remote(str(ring.path), len(self.workers)) for w in self.workers])
+        finally:
+            ring.unlink()
+        for w in self.workers:
+            w.follow.remote()
+        return ring
 
     def execute(self, step: StepInput):
+        if self.ring is not None:
+            self.ring.send(step)
+            return self.runner.execute(step)
         ref = ray.put(step)
         pending = [w.execute.remote(ref) for w in self.workers]
         logits = self.runner.execute(step)

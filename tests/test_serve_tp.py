@@ -32,8 +32,8 @@ def test_tp2_gives_the_same_tokens_and_logprobs_as_tp1(ray_cluster, tiny_llama_d
                               kv_cache_dtype=kv_cache_dtype, dtype="float32")
         engine = LLMEngine(config, cpus_per_rank=0.5, verbose=False)
         try:
-            if tp == 2:
-                assert (engine.runner.ring is not None) == step_ring
+            if tp == 2:  # and the log says which path the steps take
+                assert ("a shared-memory ring" if step_ring else "Ray calls") in engine._parallel_summary()
             outputs[tp] = generate(engine, prompts, params)
         finally:
             engine.shutdown()

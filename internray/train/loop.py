@@ -52,8 +52,10 @@ def train_loop_per_worker(config_dict: dict) -> None:
                      and cpu_collectives.prepare(context.get_world_size(), context.get_local_world_size()))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(config))
-    if shared_memory:
-        cpu_collectives.use_shared_memory_collectives()
+    shared_memory = shared_memory and cpu_collectives.use_shared_memory_collectives()
+    if rank == 0 and not config.scaling.use_gpu and context.get_world_size() > 1:
+        print(f"[internray train] {context.get_world_size()} CPU workers reduce gradients through "
+              f"{'shared memory (DeepSpeed shm kernel)' if shared_memory else 'gloo (TCP)'}", flush=True)
     step, tokens_seen = restore(engine)
     objective.start(engine, step)
     batches = objective.batches(config_dict["pad_id"], skip=step * config.training.grad_accum_steps)

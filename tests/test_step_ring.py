@@ -11,7 +11,7 @@ from internray.serve.engine.step_ring import StepRing
 
 
 def _follow(path: str, reader: int, readers: int, results, delay: float) -> None:
-    ring = StepRing.attach(path, reader, readers)
+    ring = StepRing.attach(path, readers, reader)
     received = []
     while (message := ring.receive()) is not None:
         received.append(message)
@@ -54,7 +54,7 @@ def test_readers_in_other_processes_get_every_message_whole_and_in_order():
 def test_the_ring_file_can_go_once_readers_have_attached():
     """Unlinked right after the readers map it (tp_workers does so), a crash leaves nothing in /dev/shm."""
     ring = StepRing.create(readers=1, capacity=1024)
-    reader = StepRing.attach(ring.path, 0, 1)
+    reader = StepRing.attach(ring.path, 1, 0)
     ring.unlink()
     assert not ring.path.exists()
     ring.send({"still": "delivered"})

@@ -21,26 +21,17 @@ its own, so the memory goes back when the workers exit instead of staying in /de
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 
 import torch
 import torch.distributed
 
-KERNEL_LEVEL_NEEDED = {torch.bfloat16: 2, torch.float32: 1}
-"""The kernel's bf16 path is compiled for avx512bw (level 2), its fp32 path for avx2 (level 1);
-on a CPU without them it faults and the other ranks hang, so those dtypes stay on gloo."""
-SEGMENT_BYTES = 70 * 2**20
-"""One rank's /dev/shm segment (two 32 MiB halves and two 1 MiB ones). The kernel does not check
-that it got them (a short write surfaces later as SIGBUS), so `prepare` checks the room first."""
+from internray.shm_kernel import KERNEL_LEVEL_NEEDED, room_for, unlink_segment
 
 
 def prepare(world_size: int, local_world_size: int) -> bool:
     """Tell DeepSpeed's kernel that all ranks are local (it reads LOCAL_SIZE when it initializes).
     Returns whether they are: on several nodes, gloo it is."""
-    if world_size < 2 or local_world_size != world_size:
-        return False
-    if not Path("/dev/shm").is_dir() or shutil.disk_usage("/dev/shm").free < 2 * world_size * SEGMENT_BYTES:
+    if world_size < 2 or local_world_size != world_size or not room_for(world_size):
         return False
     os.environ["LOCAL_SIZE"] = str(world_size)
     return True
@@ -83,9 +74,3 @@ def use_shared_memory_collectives() -> bool:
 
     backend.all_reduce, backend.all_gather_into_tensor = all_reduce, all_gather_into_tensor
     return True
-
-
-def unlink_segment(rank: int, address: str, port: str) -> None:
-    """Remove this rank's /dev/shm name (the kernel names it after the group's address and port);
-    the memory stays mapped until every rank has exited."""
-    Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}").unlink(missing_ok=True)

@@ -1,5 +1,5 @@
 """The row-parallel all-reduce of CPU tensor-parallel ranks on one node, through DeepSpeed's
-shared-memory kernel (train/cpu_collectives.py) instead of gloo.
+shared-memory kernel (internray/shm_kernel.py) instead of gloo.
 
 Gloo goes through TCP loopback: on 2 cores a decode-sized bf16 all-reduce (1-64 rows of 576)
 took 1.3-1.4 ms through gloo and 8-29 us through the kernel, and a Llama layer all-reduces twice
@@ -17,7 +17,7 @@ import os
 import ray
 import torch.distributed as dist
 
-from internray.train.cpu_collectives import KERNEL_LEVEL_NEEDED, unlink_segment
+from internray.shm_kernel import KERNEL_LEVEL_NEEDED, room_for, unlink_segment
 
 _joined = False
 
@@ -33,7 +33,7 @@ def join(rank: int, world: int, address: str) -> int:
     """Collective over the gloo group just formed: the kernel's ISA level if every rank is on this
     node and can use it (the ranks have then mapped each other's segments), else 0 (gloo)."""
     global _joined
-    level = 0 if _joined or _kernel() is None else _kernel().vector_kernel_level()
+    level = 0 if _joined or not room_for(world) or _kernel() is None else _kernel().vector_kernel_level()
     views: list = [None] * world
     dist.all_gather_object(views, (ray.get_runtime_context().get_node_id(), level))
     level = min(v[1] for v in views)

@@ -121,6 +121,7 @@ class ModelRunner:
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Swap in new weights (HF names), e.g. a policy after a training step. The model is
         rebuilt rather than written in place: packed CPU linears keep no dense copy to write to."""
+        self._use_threads()  # a rank actor may call this on another thread than its steps'
         self.model = self._load(weights)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:

@@ -1,38 +1,34 @@
 """A one-writer, many-reader message ring in shared memory: how rank 0 hands each step's input to
-the other tensor-parallel ranks on its node.
+the other tensor-parallel ranks when they all share its node.
 
 Why: a Ray actor call per step (ray.put, execute.remote, then ray.get) costs milliseconds, more
-than a decode step's forward on a small model (tiny Llama, TP=2 on CPU: 13.7 ms a step at batch 1,
-against 1.7 ms for the whole step at TP=1). vLLM moves step inputs through a shared-memory queue for
-the same reason. Ranks on other nodes still get their steps through Ray (tp_workers.py).
+than a decode step's forward on a small model (tiny Llama, TP=2 on CPU: 10-13 ms a step at batch
+1 through Ray calls, 3-4 ms through the ring; benchmarks/serve_tp.py). vLLM moves step inputs
+through a shared-memory queue for the same reason. Otherwise the steps go through Ray
+(tp_workers.py).
 
 Layout: int64 counters (bytes written; bytes each reader has consumed), then the data area, used
 as a ring. A message is its pickle's length (8 bytes) and the pickle, streamed through the ring in
 pieces, so it may be larger than the ring; the writer waits only while the slowest reader is a
-whole ring behind. Counters only grow, and each is stored by one process only. The file is
-unlinked as soon as every reader has mapped it (`unlink`), so a crash leaves nothing behind.
+whole ring behind. Counters only grow, each is stored by one process only, and a counter is
+stored after the data it publishes. That order is all the protocol needs, and only x86 (TSO)
+guarantees it for plain stores; Python offers no memory fence, so elsewhere
+`StepRing.supported()` is False and tp_workers keeps Ray calls. The file (mode 0600) is unlinked
+as soon as every reader has mapped it (`unlink`): only a crash in that moment of start-up could
+leave it behind.
 """
 from __future__ import annotations
 
 import mmap
 import os
 import pickle
+import platform
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
-
-_fence_lock = threading.Lock()
-
-
-def _fence() -> None:
-    """A full memory barrier (taking a lock is one), so data stores are seen before the counter
-    that publishes them, also on weakly ordered CPUs (ARM); vLLM's shm_broadcast does the same."""
-    with _fence_lock:
-        pass
 
 
 class _Backoff:
@@ -51,8 +47,13 @@ class _Backoff:
 
 
 class StepRing:
+    @staticmethod
+    def supported() -> bool:
+        """Whether this CPU keeps plain stores in program order (x86's TSO), as the ring relies on."""
+        return platform.machine().lower() in ("x86_64", "amd64")
+
     def __init__(self, path: Path, readers: int, reader: int | None):
-        self.path, self.readers, self.reader = path, readers, reader
+        self.path, self.reader = path, reader
         with open(path, "r+b") as file:
             self._map = mmap.mmap(file.fileno(), 0)
         header = 8 * (1 + readers)
@@ -66,13 +67,16 @@ class StepRing:
         """The writer's end, in a new file under /dev/shm (the temp dir where there is none)."""
         folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
         path = folder / f"internray-steps-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        with open(path, "xb") as file:
-            file.truncate(8 * (1 + readers) + capacity)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # step inputs hold users' token ids
+        try:
+            os.ftruncate(fd, 8 * (1 + readers) + capacity)
+        finally:
+            os.close(fd)
         return cls(path, readers, None)
 
     @classmethod
-    def attach(cls, path: str | Path, reader: int, readers: int) -> StepRing:
-        """Reader `reader`'s end (0-based) of the ring at `path`."""
+    def attach(cls, path: str | Path, readers: int, reader: int) -> StepRing:
+        """Reader `reader`'s end (0-based, of `readers`) of the ring at `path`."""
         return cls(Path(path), readers, reader)
 
     def unlink(self) -> None:
@@ -95,7 +99,6 @@ class StepRing:
             offset = self.position % self.capacity
             n = min(free, len(view) - sent, self.capacity - offset)
             self.data[offset:offset + n] = view[sent:sent + n]
-            _fence()
             self.position += n
             self.counters[0] = self.position
             sent, backoff = sent + n, _Backoff()
@@ -113,11 +116,9 @@ class StepRing:
             if available == 0:
                 backoff.wait()
                 continue
-            _fence()
             offset = self.position % self.capacity
             n = min(available, size - got, self.capacity - offset)
             out[got:got + n] = self.data[offset:offset + n]
-            _fence()
             self.position += n
             self.counters[1 + self.reader] = self.position
             got, backoff = got + n, _Backoff()

@@ -3,8 +3,8 @@ actors, and all N join one torch.distributed group (gloo on CPU, NCCL on GPU).
 
 Each step the engine sends the same `StepInput` to every rank and runs rank 0 itself; the ranks
 meet only inside the row-parallel all-reduces. When every rank shares rank 0's node, the steps go
-through a shared-memory ring (step_ring.py) that the ranks follow in a loop; otherwise through one
-Ray actor call per rank and step. Under Ray Serve the actors are placed in the replica's own
+through a shared-memory ring (step_ring.py, x86) that the ranks follow in a loop; otherwise through
+one Ray actor call per rank and step. Under Ray Serve the actors are placed in the replica's own
 placement group (`placement_group_bundles`), so a replica and its ranks come and go together.
 """
 from __future__ import annotations
@@ -49,16 +49,15 @@ class RankWorker:
         return ray.get_runtime_context().get_node_id()
 
     def attach(self, path: str, readers: int) -> None:
-        self.ring = StepRing.attach(path, self.rank - 1, readers)
+        self.ring = StepRing.attach(path, readers, self.rank - 1)
 
     def follow(self) -> None:
         """Run each step rank 0 writes to the ring, until the actor is killed. A step that fails
-        ends this process: rank 0 would wait for this rank in the next all-reduce anyway, and a
-        dead rank is what the replica's health check looks for."""
+        (or fails to arrive whole) ends this process: rank 0 would wait for this rank in the next
+        all-reduce anyway, and a dead rank is what the replica's health check looks for."""
         while True:
-            step = self.ring.receive()
             try:
-                self.runner.execute(step)
+                self.runner.execute(self.ring.receive())
             except BaseException:  # noqa: BLE001 - whatever it was, this rank can no longer keep step
                 traceback.print_exc()
                 os._exit(1)
@@ -74,7 +73,8 @@ class TensorParallelGroup:
     """The engine's handle on all ranks: `execute(step)` returns rank 0's logits."""
 
     step_ring = True
-    """Send steps to ranks on this node through shared memory; False: always through Ray calls."""
+    """Send steps through shared memory when every rank shares this node; False: always through
+    Ray calls (benchmarks and tests compare the two)."""
 
     def __init__(self, engine: EngineConfig, num_blocks: int, cpus_per_rank: float = 1.0, gpus_per_rank: float = 0.0):
         world = engine.tensor_parallel_size
@@ -91,7 +91,7 @@ class TensorParallelGroup:
         self.runner = ModelRunner(engine, tp, num_blocks)
         nodes = ray.get([w.node_id.remote() for w in self.workers])
         local = all(node == ray.get_runtime_context().get_node_id() for node in nodes)
-        self.ring = self._start_ring() if local and self.step_ring else None
+        self.ring = self._start_ring() if local and self.step_ring and StepRing.supported() else None
 
     def _start_ring(self) -> StepRing:
         ring = StepRing.create(readers=len(self.workers))

@@ -16,7 +16,7 @@ from torch import nn
 
 from internray.serve.model.cpu_attention import decode_attention, prefill_attention
 from internray.serve.model.kv_cache import KVCache
-from internray.train.cpu_collectives import KERNEL_LEVEL_NEEDED
+from internray.shm_kernel import KERNEL_LEVEL_NEEDED
 
 
 @dataclass

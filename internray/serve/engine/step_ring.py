@@ -23,6 +23,7 @@ import mmap
 import os
 import pickle
 import platform
+import shutil
 import tempfile
 import time
 import uuid
@@ -64,12 +65,15 @@ class StepRing:
 
     @classmethod
     def create(cls, readers: int, capacity: int = 4 << 20) -> StepRing:
-        """The writer's end, in a new file under /dev/shm (the temp dir where there is none)."""
-        folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+        """The writer's end, in a new file under /dev/shm, or the temp dir where /dev/shm is missing
+        or too full (a sparse file there would fault on first write instead of failing here)."""
+        size = 8 * (1 + readers) + capacity
+        shm = Path("/dev/shm")
+        folder = shm if shm.is_dir() and shutil.disk_usage(shm).free >= 2 * size else Path(tempfile.gettempdir())
         path = folder / f"internray-steps-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # step inputs hold users' token ids
         try:
-            os.ftruncate(fd, 8 * (1 + readers) + capacity)
+            os.ftruncate(fd, size)
         finally:
             os.close(fd)
         return cls(path, readers, None)

@@ -19,6 +19,12 @@ def kernel():
     return built
 
 
+def batch_size(few: int, layout: str) -> int:
+    """`few` sequences, or enough that the kernel gives each task a whole sequence (all KV heads,
+    prefetching the next block) instead of one (sequence, KV head): 4 per thread."""
+    return few if layout == "task per head" else max(few, 4 * torch.get_num_threads())
+
+
 def sdpa_reference(q, cache: KVCache, tables, lengths):
     kv = cache.gather(tables, torch.float32)
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
@@ -31,12 +37,14 @@ def sdpa_reference(q, cache: KVCache, tables, lengths):
     (8, 8, 16, torch.float32, 4, 1e-5), (9, 3, 64, torch.float32, 4, 1e-5), (8, 2, 128, torch.float32, 4, 1e-5),
     (4, 1, 16, torch.bfloat16, 4, 2e-2), (9, 3, 64, torch.bfloat16, 4, 2e-2),
     (9, 3, 64, torch.bfloat16, 16, 2e-2), (8, 2, 128, torch.float16, 32, 2e-3), (8, 4, 32, torch.bfloat16, 16, 2e-2)])  # blocks of one and two 16-lane rows
-def test_kernel_equals_gather_and_sdpa(kernel, heads, kv_heads, dim, dtype, block, tol):
+@pytest.mark.parametrize("layout", ["task per head", "task per sequence"])
+def test_kernel_equals_gather_and_sdpa(kernel, heads, kv_heads, dim, dtype, block, tol, layout):
     """Across block edges the kernel's online softmax rescales what it summed so far."""
     gen = torch.Generator().manual_seed(0)
-    blocks, batch = 40, 7
+    blocks, batch = 40, batch_size(7, layout)
     cache = KVCache(torch.randn(blocks, block, 2, kv_heads, dim, generator=gen).to(dtype))
-    lengths = torch.tensor([1, block - 1, block, block + 1, 2 * block + 1, 4 * block, 4 * block + 1])  # around block edges
+    edges = [1, block - 1, block, block + 1, 2 * block + 1, 4 * block, 4 * block + 1]  # around block edges
+    lengths = torch.tensor([edges[i % len(edges)] for i in range(batch)])
     width = -(-int(lengths.max()) // block)
     tables = torch.stack([torch.randperm(blocks, generator=gen)[:width] for _ in range(batch)])
     q = torch.randn(batch, heads + 2 * kv_heads, dim, generator=gen).to(dtype)[:, :heads]  # rows of a fused qkv
@@ -49,13 +57,14 @@ def int8_cache(values: torch.Tensor) -> KVCache:
     return KVCache(*quantize_int8(values))
 
 
+@pytest.mark.parametrize("layout", ["task per head", "task per sequence"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_kernel_equals_sdpa_on_the_dequantized_cache_and_stays_near_full_precision(kernel, dtype):
+def test_int8_kernel_equals_sdpa_on_the_dequantized_cache_and_stays_near_full_precision(kernel, dtype, layout):
     gen = torch.Generator().manual_seed(1)
     blocks, block, heads, kv_heads, dim = 30, 4, 9, 3, 64
     values = torch.randn(blocks, block, 2, kv_heads, dim, generator=gen)
     values[3, 1] *= 50  # an outlier token: with a scale per vector, it costs the others no precision
-    lengths = torch.tensor([2, 7, 16, 29])
+    lengths = torch.tensor([(2, 7, 16, 29)[i % 4] for i in range(batch_size(4, layout))])
     tables = torch.stack([torch.randperm(blocks, generator=gen)[:8] for _ in lengths])
     q = torch.randn(len(lengths), heads, dim, generator=gen).to(dtype)
     cache = int8_cache(values)

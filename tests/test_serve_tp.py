@@ -33,7 +33,7 @@ def test_tp2_gives_the_same_tokens_and_logprobs_as_tp1(ray_cluster, tiny_llama_d
         engine = LLMEngine(config, cpus_per_rank=0.5, verbose=False)
         try:
             if tp == 2:  # and the log says which path the steps take
-                assert ("a shared-memory ring" if step_ring else "Ray calls") in engine._parallel_summary()
+                assert ("a shared-memory ring" if step_ring else "Ray calls") in engine.runner.describe()
             outputs[tp] = generate(engine, prompts, params)
         finally:
             engine.shutdown()

@@ -69,17 +69,9 @@ class LLMEngine:
         if verbose:
             print(f"[internray serve] {config.model}: KV cache {num_blocks} blocks x {config.block_size} tokens = "
                   f"{capacity:,} tokens ({config.kv_cache_gib:g} GiB per rank); max_model_len {self.max_model_len:,}; "
-                  f"{capacity // self.max_model_len} full-length sequences fit at once{self._parallel_summary()}",
+                  f"{capacity // self.max_model_len} full-length sequences fit at once"
+                  + (f"; {self.runner.describe()}" if config.tensor_parallel_size > 1 else ""),
                   flush=True)
-
-    def _parallel_summary(self) -> str:
-        """How tensor-parallel ranks get their steps and sum their partial products, for the log."""
-        if self.config.tensor_parallel_size == 1:
-            return ""
-        level = self.runner.runner.tp.shared_memory_level
-        return (f"; tensor parallel {self.config.tensor_parallel_size}: steps through "
-                f"{'a shared-memory ring' if self.runner.ring is not None else 'Ray calls'}, all-reduce through "
-                f"{f'shared memory (level {level})' if level else 'the process group'}")
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:

@@ -113,6 +113,13 @@ class TensorParallelGroup:
         ray.get(pending)  # surfaces a failed rank instead of hanging on the next all-reduce
         return logits
 
+    def describe(self) -> str:
+        """How the ranks get their steps and sum their partial products, for the engine's log."""
+        level = self.runner.tp.shared_memory_level
+        return (f"tensor parallel {len(self.workers) + 1}: steps through "
+                f"{'a shared-memory ring' if self.ring is not None else 'Ray calls'}, all-reduce through "
+                f"{f'shared memory (level {level})' if level else 'the process group'}")
+
     def check_ranks(self) -> None:
         """Raise if a rank's actor died. Rank 0 would not notice by itself: in the shared-memory
         kernel it waits for a dead peer forever. A rank busy in a long step is not dead."""

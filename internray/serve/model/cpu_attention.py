@@ -19,6 +19,9 @@ In a 64-sequence decode step attention went from 39 to 21 ms.
 With many sequences a task takes all KV heads of one sequence and walks its blocks once,
 prefetching the next block into L2: blocks scattered across the cache (the free list's order after
 a server has run a while) cost 1.3-1.5 ms instead of 2.2-2.5 ms per layer for 64 x 256 tokens.
+`benchmarks/decode_attention.py` times it against the gather + SDPA fallback (12x faster for that
+case scattered, 35x in cache) and prints the read bandwidth it reaches on scattered blocks: ~9
+GB/s, where a plain streaming read gets ~23 GB/s on this machine, so that case waits on memory.
 
 Prefill chunks have a kernel of their own (AVX-512, head sizes 32/64/128): tiles of 16 query
 tokens against the keys before each, read from the cache where the chunk's keys were just
@@ -107,11 +110,12 @@ static void attend(const float* q, const S* cache, const float* scales, const in
 #ifdef INTERNRAY_AVX512
 // One block of KV group g for attend_avx512, the same recurrence as attend(): each key row is
 // converted in registers and dotted with all G query heads; then the online-softmax update of
-// (m, l, acc); then the block's values, converted once into `rows`, are added in with each head's
-// output held in registers. s: G * block floats, rows: block * D, both scratch.
+// (m, l, acc); then the block's values, each converted in registers once for up to 16 / C heads
+// whose outputs stay in registers across the block (reading converted rows back from a scratch
+// buffer per head was L1-bound: 20% slower with the cache resident). s: G * block floats, scratch.
 template <typename S, int D>
 static inline void attend_block_avx512(const float* q, const S* cache, const float* scales, int64_t first, int64_t n,
-                                       int64_t block, int64_t Hkv, int64_t g, int64_t G, float* s, float* rows,
+                                       int64_t block, int64_t Hkv, int64_t g, int64_t G, float* s,
                                        float* acc, float* m, float* l) {
   constexpr int C = D / 16;  // 16-lane chunks per head
   const int64_t token_stride = 2 * Hkv * D;
@@ -148,20 +152,26 @@ static inline void attend_block_avx512(const float* q, const S* cache, const flo
       for (int c = 0; c < C; ++c)
         _mm512_storeu_ps(acc + j * D + 16 * c, _mm512_mul_ps(_mm512_set1_ps(shrink), _mm512_loadu_ps(acc + j * D + 16 * c)));
   }
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t slot = first + t;
-    const S* v = cache + slot * token_stride + (Hkv + g) * D;
-    const float vs = scales ? scales[slot * 2 * Hkv + Hkv + g] : 1.f;
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(rows + t * D + 16 * c, load16(v + 16 * c, vs));
-  }
-  for (int64_t j = 0; j < G; ++j) {
-    __m512 a[C];
-    for (int c = 0; c < C; ++c) a[c] = _mm512_loadu_ps(acc + j * D + 16 * c);
+  constexpr int HB = 16 / C;  // heads whose outputs fit in 16 registers together
+  for (int64_t j0 = 0; j0 < G; j0 += HB) {
+    const int64_t heads = std::min<int64_t>(HB, G - j0);
+    __m512 a[HB][C];
+    for (int h = 0; h < HB; ++h)
+      for (int c = 0; c < C; ++c) a[h][c] = h < heads ? _mm512_loadu_ps(acc + (j0 + h) * D + 16 * c) : _mm512_setzero_ps();
     for (int64_t t = 0; t < n; ++t) {
-      const __m512 p = _mm512_set1_ps(s[j * block + t]);
-      for (int c = 0; c < C; ++c) a[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(rows + t * D + 16 * c), a[c]);
+      const int64_t slot = first + t;
+      const S* v = cache + slot * token_stride + (Hkv + g) * D;
+      const float vs = scales ? scales[slot * 2 * Hkv + Hkv + g] : 1.f;
+      __m512 value[C];
+      for (int c = 0; c < C; ++c) value[c] = load16(v + 16 * c, vs);
+      for (int h = 0; h < HB; ++h) {
+        if (h >= heads) break;
+        const __m512 p = _mm512_set1_ps(s[(j0 + h) * block + t]);
+        for (int c = 0; c < C; ++c) a[h][c] = _mm512_fmadd_ps(p, value[c], a[h][c]);
+      }
     }
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + j * D + 16 * c, a[c]);
+    for (int h = 0; h < heads; ++h)
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + (j0 + h) * D + 16 * c, a[h][c]);
   }
 }
 
@@ -173,12 +183,12 @@ static inline void attend_block_avx512(const float* q, const S* cache, const flo
 // prefetch took 2.2-2.5 ms per layer for 64 sequences x 256 tokens (SmolLM2 shapes, bf16, 2
 // threads) against 0.6 ms with the blocks in cache; one task per sequence with the prefetch
 // takes 1.3-1.5 ms. (Prefetching into L1, or two blocks ahead, was slower.)
-// q: (g1 - g0) * G prescaled heads; work: G * block + block * D + (g1 - g0) * G * (D + 2) floats.
+// q: (g1 - g0) * G prescaled heads; work: G * block + (g1 - g0) * G * (D + 2) floats.
 template <typename T, typename S, int D>
 static void attend_avx512(const float* q, const S* cache, const float* scales, const int64_t* table, int64_t len,
                           int64_t block, int64_t Hkv, int64_t g0, int64_t g1, int64_t G, float* work, T* out) {
   const int64_t heads = (g1 - g0) * G;
-  float *s = work, *rows = s + G * block, *acc = rows + block * D, *m = acc + heads * D, *l = m + heads;
+  float *s = work, *acc = s + G * block, *m = acc + heads * D, *l = m + heads;
   std::fill(m, m + heads, -std::numeric_limits<float>::infinity());
   std::fill(l, l + heads, 0.f);
   std::fill(acc, acc + heads * D, 0.f);
@@ -191,7 +201,7 @@ static void attend_avx512(const float* q, const S* cache, const float* scales, c
     }
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t h = (g - g0) * G;
-      attend_block_avx512<S, D>(q + h * D, cache, scales, first, n, block, Hkv, g, G, s, rows, acc + h * D, m + h, l + h);
+      attend_block_avx512<S, D>(q + h * D, cache, scales, first, n, block, Hkv, g, G, s, acc + h * D, m + h, l + h);
     }
   }
   for (int64_t h = 0; h < heads; ++h)
@@ -227,7 +237,7 @@ static void run(const at::Tensor& q, const at::Tensor& cache, const at::Tensor* 
   const int64_t* lp = lengths.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
   at::parallel_for(0, B * (Hkv / per_task), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(per_task * G * D), work(G * block + block * D + per_task * G * (D + 2) + D);
+    std::vector<float> qf(per_task * G * D), work(G * block + per_task * G * (D + 2) + D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (Hkv / per_task), g = task % (Hkv / per_task) * per_task;
       const T* qg = qp + b * q.stride(0) + g * G * D;  // q's tokens may be rows of the fused qkv output

@@ -87,6 +87,21 @@ def test_int8_write_then_gather_is_within_half_a_step():
         assert ((got - want).abs() <= step / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_cache_write_equals_the_pytorch_write_and_refuses_a_slot_outside(kernel, dtype):
+    """store_kv writes keys and values taken as views of a fused qkv row (rows further apart than
+    a head group), exactly where the stack + index_copy_ path puts them, and touches nothing else."""
+    qkv = torch.randn(300, 9 * 64 + 2 * 3 * 64, dtype=dtype)
+    k, v = (part.view(300, 3, 64) for part in qkv.split([9 * 64, 3 * 64, 3 * 64], dim=-1)[1:])
+    slots = torch.randperm(40 * 16)[:300]
+    plain, compiled = (KVCache.allocate(40, 16, 3, 64, dtype, torch.device("cpu"), int8=False) for _ in range(2))
+    plain.write(slots, k, v)
+    compiled.write(slots, k, v, kernel)
+    assert torch.equal(compiled.data, plain.data)
+    with pytest.raises(RuntimeError, match="slot 640 outside the cache's 640"):
+        compiled.write(torch.tensor([3, 640]), k[:2], v[:2], kernel)
+
+
 @pytest.mark.parametrize("int8", [False, True], ids=["full", "int8"])
 @pytest.mark.parametrize("dim", [8, 64])
 def test_padding_past_a_sequences_length_is_never_read(kernel, int8, dim):

@@ -14,7 +14,7 @@ from internray.serve.config import EngineConfig
 from internray.serve.engine.async_engine import AsyncLLMEngine
 from internray.serve.engine.block_manager import BlockManager
 from internray.serve.engine.llm_engine import LLM, LLMEngine, generate
-from internray.serve.engine.sampler import draw
+from internray.serve.engine.sampler import draw, greedy_tokens
 from internray.serve.engine.sampling_params import InvalidRequest, SamplingParams
 from internray.serve.engine.sequence import Sequence
 from internray.serve.model.loader import cpu_has_bf16_instructions
@@ -177,6 +177,22 @@ def test_draw_follows_the_distribution_and_never_picks_a_zero():
     assert [draw(probs, again) for _ in range(50)] == draws[:50].tolist()
     with pytest.raises(ValueError, match="sums to nan"):
         draw(torch.full((4,), float("nan")), generator)
+
+
+@pytest.mark.parametrize("vocab", [49152, 151936, 32000, 50257, 256])
+def test_greedy_tokens_equal_torch_argmax(vocab):
+    """The chunked argmax against torch.argmax: random rows, ties between chunks and within one (the
+    first index wins), a maximum in the last chunk, and NaN (counted as the maximum), for
+    vocabularies that split into 256- and 128-wide chunks, one that does not split (50257), and one
+    that is a single chunk."""
+    logits = torch.randn(8, vocab, generator=torch.Generator().manual_seed(vocab))
+    logits[1, [5, vocab - 3]] = 100.0  # tie across chunks
+    logits[2, [vocab - 2, vocab - 1]] = 100.0  # tie within the last chunk
+    logits[3, vocab - 1] = 100.0
+    logits[4, [7, vocab // 2]] = float("nan")
+    logits[5] = 0.0  # all equal: index 0
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+    assert greedy_tokens(logits)[[1, 2, 3, 4, 5]].tolist() == [5, vocab - 2, vocab - 1, 7, 0]
 
 
 def test_sampling_controls(tiny_llama_dir, prompts, reference, hf):

@@ -6,6 +6,8 @@ A sequence with a seed draws from its own generator, so its output does not depe
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from internray.serve.engine.sequence import Sequence
@@ -52,6 +54,22 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return index
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax of [rows, vocab] logits, with torch.argmax's answer (the first index of the
+    maximum; NaN counts as the maximum). torch's CPU argmax walks each row in a scalar loop: 2.3 ms
+    for 64 rows of SmolLM2's 49k vocabulary, 2% of a decode step, where its vectorized amax takes
+    0.07 ms. So: each 256-wide chunk's maximum (amax), the first chunk holding the row's maximum,
+    then argmax within that chunk alone: 0.2 ms. Vocabularies that do not split into chunks of at
+    least 64 take plain argmax."""
+    rows, vocab = logits.shape
+    chunk = math.gcd(vocab, 256)
+    if chunk < 64 or vocab == chunk:
+        return logits.argmax(-1)
+    chunks = logits.reshape(rows, vocab // chunk, chunk)
+    first = chunks.amax(-1).argmax(-1)
+    return first * chunk + chunks[torch.arange(rows), first].argmax(-1)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence],
            allowed: dict[int, torch.Tensor] | None = None) -> tuple[list[int], list[dict | None]]:
     """logits: [len(seqs), vocab] fp32; allowed: row -> bool mask of a grammar-constrained row.
@@ -64,7 +82,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence],
             logits[row, :len(mask)].masked_fill_(~mask, float("-inf"))
             logits[row, len(mask):] = float("-inf")
         logits = apply_penalties(logits, seqs)
-    tokens = logits.argmax(-1).tolist()  # one call for the whole batch; sampled rows are redrawn below
+    tokens = greedy_tokens(logits).tolist()  # one call for the whole batch; sampled rows are redrawn below
     for i, seq in enumerate(seqs):
         p = seq.params
         if not p.greedy:

@@ -39,8 +39,13 @@ class KVCache:
     def block_size(self) -> int:
         return self.data.shape[1]
 
-    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store keys and values [T, Hkv, D] of this step's tokens at cache `slots` [T]."""
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernels=None) -> None:
+        """Store keys and values [T, Hkv, D] of this step's tokens at cache `slots` [T]; with the
+        compiled CPU kernels (cpu_kernels.load()) a cache at the model's precision is written by
+        their `store_kv`, in place of a stack and an index_copy_."""
+        if kernels is not None and self.scales is None:
+            kernels.store_kv(self.data, slots, k, v)
+            return
         rows = torch.stack((k, v), 1)  # [T, 2, Hkv, D]
         flat = self.data.view(-1, *self.data.shape[2:])
         if self.scales is None:

@@ -176,7 +176,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     of the batch's context), else a gather of their blocks and one masked SDPA. Each prefill chunk
     is its own call (causal, offset by its cached context): the compiled kernel reading the cache,
     or SDPA on the chunk's keys (after a gather of the blocks when there is earlier context)."""
-    kv_cache.write(batch.slot_mapping, k, v)
+    kv_cache.write(batch.slot_mapping, k, v, batch.kernels)
     if batch.kernels is not None and len(batch.decode_index) == len(q):  # decodes only, in order: no copies in or out
         return decode_attention(q, kv_cache, batch.decode_blocks, batch.decode_lengths, batch.kernels)
     out = torch.empty_like(q)

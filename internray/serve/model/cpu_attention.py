@@ -446,7 +446,7 @@ void store_kv(at::Tensor cache, at::Tensor slots, at::Tensor k, at::Tensor v) {
   const int64_t tokens = k.size(0), Hkv = cache.size(3), D = cache.size(4), num_slots = cache.size(0) * cache.size(1);
   for (const auto* x : {&k, &v})
     TORCH_CHECK(x->scalar_type() == cache.scalar_type() && x->dim() == 3 && x->size(0) == tokens &&
-                x->size(1) == Hkv && x->size(2) == D && x->stride(2) == 1 && x->stride(1) == D,
+                x->size(1) == Hkv && x->size(2) == D && x->stride(2) == 1 && (Hkv == 1 || x->stride(1) == D),
                 "store_kv: keys and values must be [tokens, KV heads, head dim] rows in the cache's dtype");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.numel() == tokens && slots.is_contiguous(),
               "store_kv: one int64 slot per token");

@@ -1,15 +1,17 @@
 """Decode attention: the compiled paged-cache kernel against gather + SDPA, per layer call.
 
 Claim: reading the paged KV cache where it lies (internray/serve/model/cpu_attention.py) beats the
-plain PyTorch path the engine falls back to without a compiler (model/layers.py: copy every
-sequence's blocks into one padded tensor, then one masked SDPA), at every batch size, and most
-where there are many sequences. Both compute the same attention (checked here on every case) over
-the same cache.
+plain PyTorch path the engine falls back to without a compiler (copy every sequence's blocks into
+one padded tensor, then one masked SDPA), at every batch size, and most where there are many
+sequences. Both are the engine's own `paged_attention` (model/layers.py) on one decode step, with
+and without the compiled kernels: each call stores the step's new keys and values, then attends.
+Both compute the same attention (checked here on every case) over the same cache.
 
 Cases: SmolLM2-135M's shapes (9 query / 3 KV heads of 64) and a Llama-3-8B-like layer (32 / 8 of
 128), bf16, 16-token blocks, --batch sequences of --context tokens (the context spread +-25% so
 sequences end in different blocks). Block tables come two ways:
-- `in cache`: every sequence reads the same blocks, which stay in the CPU's caches (a best case);
+- `in cache`: every sequence reads the same blocks, which stay in the CPU's caches (a best case),
+  except for its last block, its own, where its new token is stored;
 - `scattered`: distinct blocks in random order, cycling through --layers layers' worth of them, so
   each call streams its context from memory, as in a server whose free list has been shuffled by
   a while of traffic (the engine's usual case: a step's KV over all layers is far beyond cache).
@@ -30,21 +32,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from internray.serve.model import cpu_attention, cpu_kernels  # noqa: E402
+from internray.serve.model import cpu_kernels  # noqa: E402
 from internray.serve.model.kv_cache import KVCache  # noqa: E402
+from internray.serve.model.layers import AttentionBatch, paged_attention  # noqa: E402
 
 SHAPES = {"smollm2 9/3x64": (9, 3, 64), "llama3-8b 32/8x128": (32, 8, 128)}
 BLOCK = 16
 
 
-def gather_sdpa(q, cache, tables, lengths):
-    """The engine's fallback: a padded copy of every sequence's blocks, then one masked SDPA."""
-    kv = cache.gather(tables, q.dtype)  # [B, S, 2, Hkv, D]
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    mask = (torch.arange(kv.shape[1])[None] < lengths[:, None])[:, None, None]
-    return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, enable_gqa=True).squeeze(2)
+def decode_batch(tables: torch.Tensor, lengths: torch.Tensor, kernels) -> AttentionBatch:
+    """One decode step's batch as the model runner builds it: each sequence's new token goes to
+    the last slot of its context; without kernels, SDPA gets the padding mask."""
+    last = lengths - 1
+    slots = tables.gather(1, (last // BLOCK)[:, None])[:, 0] * BLOCK + last % BLOCK
+    mask = None if kernels else (torch.arange(tables.shape[1] * BLOCK)[None] < lengths[:, None])[:, None, None]
+    return AttentionBatch(slots, torch.arange(len(lengths)), tables, lengths, mask, kernels)
 
 
 def timed(fn, calls: int, repeats: int) -> float:
@@ -68,16 +71,18 @@ def case(kernels, shape, batch: int, context: int, layers: int, calls: int, repe
                              int8=False)
     cache.data.normal_(generator=gen)
     q = torch.randn(batch, heads, head_dim, generator=gen).bfloat16()
-    tables = {"in cache": torch.arange(width).repeat(batch, 1)[None],
+    k, v = (torch.randn(batch, kv_heads, head_dim, generator=gen).bfloat16() for _ in range(2))
+    shared = torch.arange(width).repeat(batch, 1)
+    shared[torch.arange(batch), (lengths - 1) // BLOCK] = width + torch.arange(batch)  # no two new tokens share a slot
+    tables = {"in cache": shared[None],
               "scattered": torch.randperm(batch * width * layers, generator=gen).view(layers, batch, width)}
     rows = []
     for layout, table in tables.items():
-        def kernel(i, table=table):
-            return cpu_attention.decode_attention(q, cache, table[i % len(table)], lengths, kernels)
+        def step(path_kernels, table=table):
+            batches = [decode_batch(t, lengths, path_kernels) for t in table]
+            return lambda i: paged_attention(q, k, v, cache, batches[i % len(batches)])
 
-        def sdpa(i, table=table):
-            return gather_sdpa(q, cache, table[i % len(table)], lengths)
-
+        kernel, sdpa = step(kernels), step(None)
         torch.testing.assert_close(kernel(0).float(), sdpa(0).float(), atol=2e-2, rtol=2e-2)
         kernel_ms, sdpa_ms = timed(kernel, calls, repeats), timed(sdpa, calls, repeats)
         kv_bytes = int(lengths.sum()) * kv_heads * head_dim * 2 * cache.data.element_size()

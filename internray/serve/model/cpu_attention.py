@@ -19,9 +19,9 @@ In a 64-sequence decode step attention went from 39 to 21 ms.
 With many sequences a task takes all KV heads of one sequence and walks its blocks once,
 prefetching the next block into L2: blocks scattered across the cache (the free list's order after
 a server has run a while) cost 1.3-1.5 ms instead of 2.2-2.5 ms per layer for 64 x 256 tokens.
-`benchmarks/decode_attention.py` times it against the gather + SDPA fallback (12x faster for that
-case scattered, 35x in cache) and prints the read bandwidth it reaches on scattered blocks: ~9
-GB/s, where a plain streaming read gets ~23 GB/s on this machine, so that case waits on memory.
+`benchmarks/decode_attention.py` times it against the gather + SDPA fallback (12-13x faster for
+that case scattered, 27-35x in cache) and prints the read bandwidth it reaches on scattered blocks:
+~9 GB/s, where a plain streaming read gets ~23 GB/s on this machine, so that case waits on memory.
 
 Prefill chunks have a kernel of their own (AVX-512, head sizes 32/64/128): tiles of 16 query
 tokens against the keys before each, read from the cache where the chunk's keys were just

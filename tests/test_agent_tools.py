@@ -70,6 +70,7 @@ def test_data_analysis_turns_a_csv_into_a_correct_bar_chart(python_pool):
             "df.sort_values('sales').iloc[-1]['city']")
     result = python_pool.call("chart", "data_analysis", {"table": "sales.csv", "code": code})
     assert result.ok and "Shanghai" in result.content and len(result.images) == 1
+    assert "Matplotlib" not in result.content  # its config directory is writable: no warning, no per-call temp cache
     png = base64.b64decode(result.images[0])
     assert png.startswith(b"\x89PNG")
     pixels = mpimg.imread(io.BytesIO(png), format="png")[..., :3]

@@ -31,6 +31,11 @@ class ToolWorker:
     def __init__(self, tools: dict):
         self.tools = build_tools(ToolsSection.model_validate(tools))
         self.root = Path(tempfile.mkdtemp(prefix="internray-tools-"))
+        # Searchable, not listable, by the sandbox uids: access(2) checks the real uid without
+        # capabilities, so under a 0700 root matplotlib finds its (writable) config directory
+        # "not writable", rebuilds its font cache in every session and warns into the output.
+        # Each session directory stays 0700 and owned by its own sandbox uid.
+        self.root.chmod(0o711)
         self.sessions: dict[str, ToolContext] = {}
         self.locks: dict[str, threading.Lock] = {}
         self.guard = threading.Lock()

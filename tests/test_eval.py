@@ -334,6 +334,7 @@ def test_contamination_finds_benchmark_items_planted_in_a_processed_corpus(tmp_p
         f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
     config = {"run": {"root": str(tmp_path / "runs")}, "sources": [{"name": "web", "type": "jsonl", "path": str(source)}],
               "clean": {"min_chars": 40}, "tokenizer": {"vocab_size": 400, "min_frequency": 1},
+              "exact_dedup": {"enabled": False}, "fuzzy_dedup": {"enabled": False},  # no duplicates planted
               "pack": {"seq_len": 64, "validation_fraction": 0.1, "group_docs": 16}}
     (tmp_path / "data.yaml").write_text(yaml.safe_dump(config))
     data_run = run_data(load_config(DataConfig, tmp_path / "data.yaml"))

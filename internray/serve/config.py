@@ -39,7 +39,8 @@ class ServerConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_keys: list[str] = Field(default_factory=list, description="accepted Bearer keys; empty: no auth")
-    max_concurrent_requests: int = Field(256, ge=1, description="per model per router; over it: 429")
+    max_concurrent_requests: int = Field(256, ge=1, description="per model, counted by the router (several models) "
+                                         "or by each replica (one model, whose replicas are the router); over it: 429")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8, gt=0, description="autoscaling target per replica")

@@ -192,6 +192,10 @@ def test_one_app_serves_several_models_behind_api_keys(openai_server, tiny_llama
                          server={"cpus_per_replica": 0, "api_keys": ["sk-right"]})
     serve.run(build_app(config), name="secure", route_prefix="/secure")  # the same HTTP proxy, another prefix
     try:
+        # several models: a router in front; one model (the session's app): its replicas are the ingress
+        assert set(serve.status().applications["secure"].deployments) == {
+            "OpenAIRouter", "LLMServer:secure-a", "LLMServer:secure-b"}
+        assert set(serve.status().applications["internray"].deployments) == {"LLMServer:tiny"}
         base = openai_server.url + "/secure/v1"
         assert httpx.get(base + "/models", timeout=30).status_code == 401
         wrong = httpx.get(base + "/models", headers={"Authorization": "Bearer sk-wrong"}, timeout=30)

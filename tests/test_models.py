@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, InternLM3Config, PreTrainedTokenizerFast
 
 from internray.models.export import DEFAULT_CHAT_TEMPLATE, save_hf
-from internray.models.importers import fetch_smollm2_gguf, import_gguf, import_internlm2
+from internray.models.importers import fetch_smollm2_gguf, import_internlm2
 from internray.models.presets import PRESETS, model_config, parameter_count
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
@@ -254,8 +254,8 @@ def smollm2_gguf():
     return fetch_smollm2_gguf()
 
 
-def test_gguf_import_writes_a_plain_checkpoint_with_the_gguf_models_logits(smollm2_gguf, tmp_path):
-    out = import_gguf(smollm2_gguf, tmp_path / "smollm2")
+def test_gguf_import_writes_a_plain_checkpoint_with_the_gguf_models_logits(smollm2_gguf, smollm2_dir):
+    out = smollm2_dir  # the session's import_gguf(fetch_smollm2_gguf()), which other tests serve
 
     saved = AutoModelForCausalLM.from_pretrained(out).eval()
     gguf = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).eval()

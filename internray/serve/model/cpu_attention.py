@@ -17,11 +17,16 @@ shapes (9 query / 3 KV heads of 64, bf16, 2 threads), ms per layer call, portabl
 64 sequences of 150-400 tokens 2.75 -> 0.97, 8 of them 0.23 -> 0.08, one of 2,000 0.33 -> 0.08.
 In a 64-sequence decode step attention went from 39 to 21 ms.
 With many sequences a task takes all KV heads of one sequence and walks its blocks once,
-prefetching the next block into L2: blocks scattered across the cache (the free list's order after
-a server has run a while) cost 1.3-1.5 ms instead of 2.2-2.5 ms per layer for 64 x 256 tokens.
-`benchmarks/decode_attention.py` times it against the gather + SDPA fallback (12-13x faster for
-that case scattered, 27-35x in cache) and prints the read bandwidth it reaches on scattered blocks:
-~9 GB/s, where a plain streaming read gets ~23 GB/s on this machine, so that case waits on memory.
+prefetching the next block into L2 (after a sequence's last block, the first block of the task's
+next sequence), a few cache lines per key scored so that the prefetches overlap the arithmetic
+rather than queue up in front of it: blocks scattered across the cache (the free list's order
+after a server has run a while) cost 0.8-0.9 ms per layer for 64 x 200-256 tokens, where one
+task per KV group without prefetch took 2.2-2.5 ms and the whole next block prefetched at once,
+at a block's start, 1.3-1.6 ms (Llama-3-8B shapes, 64 x 256: 10.3 -> 4.4 ms). In a 64-sequence
+SmolLM2 decode step (serve benchmark, contexts 16-384) that is 33 -> 17 ms of attention.
+`benchmarks/decode_attention.py` times it against the gather + SDPA fallback (~20x faster for
+that case scattered, 30-40x in cache) and prints the read bandwidth it reaches on scattered blocks:
+12-14 GB/s, where a plain streaming read gets ~23 GB/s on this machine.
 
 Prefill chunks have a kernel of their own (AVX-512, head sizes 32/64/128): tiles of 16 query
 tokens against the keys before each, read from the cache where the chunk's keys were just
@@ -116,14 +121,18 @@ static void attend(const float* q, const S* cache, const float* scales, const in
 // converted in registers and dotted with all G query heads; then the online-softmax update of
 // (m, l, acc); then the block's values, each converted in registers once for up to 16 / C heads
 // whose outputs stay in registers across the block (reading converted rows back from a scratch
-// buffer per head was L1-bound: 20% slower with the cache resident). s: G * block floats, scratch.
+// buffer per head was L1-bound: 20% slower with the cache resident). s: G * block floats, scratch;
+// `ahead`: `ahead_bytes` to prefetch into L2, a few lines before each key is scored.
 template <typename S, int D>
 static inline void attend_block_avx512(const float* q, const S* cache, const float* scales, int64_t first, int64_t n,
                                        int64_t block, int64_t Hkv, int64_t g, int64_t G, float* s,
-                                       float* acc, float* m, float* l) {
+                                       float* acc, float* m, float* l, const char* ahead, int64_t ahead_bytes) {
   constexpr int C = D / 16;  // 16-lane chunks per head
   const int64_t token_stride = 2 * Hkv * D;
+  const int64_t ahead_step = (ahead_bytes + 64 * n - 1) / (64 * n) * 64;  // whole cache lines per token
   for (int64_t t = 0; t < n; ++t) {
+    for (int64_t b = t * ahead_step, e = std::min(b + ahead_step, ahead_bytes); b < e; b += 64)
+      _mm_prefetch(ahead + b, _MM_HINT_T1);
     const int64_t slot = first + t;
     const S* k = cache + slot * token_stride + g * D;
     const float ks = scales ? scales[slot * 2 * Hkv + g] : 1.f;
@@ -185,27 +194,33 @@ static inline void attend_block_avx512(const float* q, const S* cache, const flo
 // wherever the block manager's free list put them; scattered across the cache, as in a server
 // that has run a while, one task per KV group reading a strided third of each block without
 // prefetch took 2.2-2.5 ms per layer for 64 sequences x 256 tokens (SmolLM2 shapes, bf16, 2
-// threads) against 0.6 ms with the blocks in cache; one task per sequence with the prefetch
-// takes 1.3-1.5 ms. (Prefetching into L1, or two blocks ahead, was slower.)
+// threads) against 0.6 ms with the blocks in cache; one task per sequence prefetching each next
+// block whole at the block's start, 1.3-1.6 ms; with the prefetches spread over the score loop
+// (and the next sequence's first block after the last), 0.8-0.9 ms. (Into L1, or two blocks
+// ahead, was slower.) next_table/next_len: the block table and length of the sequence to
+// prefetch after this one's last block; next_len 0 for none.
 // q: (g1 - g0) * G prescaled heads; work: G * block + (g1 - g0) * G * (D + 2) floats.
 template <typename T, typename S, int D>
 static void attend_avx512(const float* q, const S* cache, const float* scales, const int64_t* table, int64_t len,
-                          int64_t block, int64_t Hkv, int64_t g0, int64_t g1, int64_t G, float* work, T* out) {
-  const int64_t heads = (g1 - g0) * G;
+                          int64_t block, int64_t Hkv, int64_t g0, int64_t g1, int64_t G, float* work, T* out,
+                          const int64_t* next_table, int64_t next_len) {
+  const int64_t heads = (g1 - g0) * G, record = 2 * Hkv * D * static_cast<int64_t>(sizeof(S));
   float *s = work, *acc = s + G * block, *m = acc + heads * D, *l = m + heads;
   std::fill(m, m + heads, -std::numeric_limits<float>::infinity());
   std::fill(l, l + heads, 0.f);
   std::fill(acc, acc + heads * D, 0.f);
   for (int64_t start = 0, i = 0; start < len; start += block, ++i) {
     const int64_t n = std::min(block, len - start), first = table[i] * block;
-    if (start + block < len) {  // the next block: its first slot's record onward, every token of it
-      const char* next = reinterpret_cast<const char*>(cache + table[i + 1] * block * 2 * Hkv * D);
-      const int64_t bytes = std::min(block, len - start - block) * 2 * Hkv * D * static_cast<int64_t>(sizeof(S));
-      for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T1);
-    }
+    // the next block: its first slot's record onward, every token of it; after the last block,
+    // the first block of the task's next sequence (or its absence: next_len 0)
+    const bool last = start + block >= len;
+    const char* next = reinterpret_cast<const char*>(cache) + (last ? next_table[0] : table[i + 1]) * block * record;
+    const int64_t bytes = (last ? std::min(block, next_len) : std::min(block, len - start - block)) * record;
+    const int64_t share = (bytes + 64 * (g1 - g0) - 1) / (64 * (g1 - g0)) * 64;  // spread over the groups' score loops
     for (int64_t g = g0; g < g1; ++g) {
-      const int64_t h = (g - g0) * G;
-      attend_block_avx512<S, D>(q + h * D, cache, scales, first, n, block, Hkv, g, G, s, acc + h * D, m + h, l + h);
+      const int64_t h = (g - g0) * G, from = std::min(bytes, (g - g0) * share);
+      attend_block_avx512<S, D>(q + h * D, cache, scales, first, n, block, Hkv, g, G, s, acc + h * D, m + h, l + h,
+                                next + from, std::min(share, bytes - from));
     }
   }
   for (int64_t h = 0; h < heads; ++h)
@@ -250,7 +265,9 @@ static void run(const at::Tensor& q, const at::Tensor& cache, const at::Tensor* 
       T* o = op + (b * H + g * G) * D;
 #ifdef INTERNRAY_AVX512
       if constexpr (vectorized<T, S, DT>()) {
-        attend_avx512<T, S, DT>(qf.data(), cp, sp, table, lp[b], block, Hkv, g, g + per_task, G, work.data(), o);
+        const int64_t next_b = per_task == Hkv && task + 1 < end ? b + 1 : b;  // whole sequences: prefetch the next one
+        attend_avx512<T, S, DT>(qf.data(), cp, sp, table, lp[b], block, Hkv, g, g + per_task, G, work.data(), o,
+                                tp + next_b * table_width, next_b != b ? lp[next_b] : 0);
         continue;
       }
 #endif

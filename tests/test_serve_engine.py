@@ -3,6 +3,7 @@ caching, preemption and sampling must not change what the model says."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from internray.serve.config import EngineConfig
 from internray.serve.engine.async_engine import AsyncLLMEngine
 from internray.serve.engine.block_manager import BlockManager
+from internray.serve.engine.detokenizer import IncrementalDetokenizer
 from internray.serve.engine.llm_engine import LLM, LLMEngine, generate
 from internray.serve.engine.sampler import draw, greedy_tokens
 from internray.serve.engine.sampling_params import InvalidRequest, SamplingParams
@@ -217,6 +219,52 @@ def test_sampling_controls(tiny_llama_dir, prompts, reference, hf):
     penalised = llm.generate([ids], SamplingParams(max_tokens=24, temperature=0, repetition_penalty=3.0,
                                                    ignore_eos=True))[0]
     assert len(set(penalised.token_ids)) > len(set(full.token_ids))  # repeats are pushed down
+
+
+def sentencepiece_style_tokenizer(texts: list[str]):
+    """A Llama-2-style tokenizer built here: Metaspace pieces, byte fallback for characters outside
+    its vocabulary, and a decoder that strips the first leading space, so a token's text depends
+    on whether it starts the decoded span."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    trained = json.loads(tok.to_str())["model"]
+    vocab = trained["vocab"] | {f"<0x{b:02X}>": len(trained["vocab"]) + b for b in range(256)}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok.model = models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level BPE", "SentencePiece-style"])
+def test_incremental_detokenization_equals_decoding_the_whole_completion(tiny_llama_dir, kind):
+    """The engine extends a completion's text token by token (detokenizer.py) instead of decoding
+    it all again each step; the text must be what one full decode gives, with partial characters
+    held back until they complete."""
+    texts = ["def add(a, b):\n    return a + b  # sum", "  two  spaces, then: 你好, 世界! \u00e9t\u00e9 \U0001F600 ok",
+             "tabs\tand\nnew lines \u2581 and \u00a0 odd spaces"]
+    tokenizer = (AutoTokenizer.from_pretrained(tiny_llama_dir) if kind == "byte-level BPE"
+                 else sentencepiece_style_tokenizer(texts[:1] * 20))
+    special = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) > 10
+        with_special = ids[:3] + [special] + ids[3:]
+        for sequence, skip in ((ids, True), (with_special, True), (with_special, False)):
+            detokenizer, streamed = IncrementalDetokenizer(tokenizer, skip), ""
+            expected = tokenizer.decode(sequence, skip_special_tokens=skip)
+            for n in range(1, len(sequence) + 1):
+                streamed += detokenizer.step(sequence[:n])
+                assert expected.startswith(streamed) and not streamed.endswith("\ufffd")
+            assert streamed + detokenizer.step(sequence, final=True) == expected
+    cut = tokenizer("ok \U0001F600", add_special_tokens=False)["input_ids"][:-1]  # ends inside the emoji's bytes
+    detokenizer = IncrementalDetokenizer(tokenizer, True)
+    held = "".join(detokenizer.step(cut[:n]) for n in range(1, len(cut) + 1))
+    assert held + detokenizer.step(cut, final=True) == tokenizer.decode(cut) and tokenizer.decode(cut).endswith("\ufffd")
 
 
 def test_logprobs_are_the_models_log_softmax(tiny_llama_dir, prompts, hf):

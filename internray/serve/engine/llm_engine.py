@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from internray.serve.config import EngineConfig
 from internray.serve.engine.block_manager import BlockManager
+from internray.serve.engine.detokenizer import IncrementalDetokenizer
 from internray.serve.engine.guided import GuideCompiler
 from internray.serve.engine.model_runner import ModelRunner, kv_cache_blocks, prepare_step
 from internray.serve.engine.sampler import sample
@@ -86,6 +87,7 @@ class LLMEngine:
                                  f"{self.max_model_len} tokens, which must also hold at least one completion token",
                                  "messages")
         seq = Sequence(list(prompt_token_ids), params, request_id)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
         if params.guide is not None:
             seq.grammar = self.guides.grammar(params.guide)  # a bad schema is refused here
             if params.guide.trigger is None:
@@ -165,24 +167,28 @@ class LLMEngine:
             seq.grammar = None  # one trigger per sequence; None above also means "did not fit"
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
+        """Extend the text by the new token's, then finish the sequence if it stops: at a stop
+        string (cut before it), a stop or EOS token, a completed grammar, or its length limit."""
         p = seq.params
         ids = seq.completion_token_ids
         if ids and ids[-1] in self.eos_ids:
             ids = ids[:-1]  # the end-of-sequence token is not text, even where special tokens are kept
-        seq.text = self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens)
+        searched = len(seq.text)  # no stop string ends in the text before
+        seq.text += seq.detokenizer.step(ids)
         self._advance_guide(seq, token)
-        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            seq.finish("stop")
-            return
-        if seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
-            seq.finish("stop")  # the grammar is complete: only EOS could follow
-            return
-        hits = [(seq.text.find(s), s) for s in p.stop if s in seq.text]
-        if hits:
-            seq.text = seq.text[:min(hits)[0]]
-            seq.finish("stop")
+        reason = None
+        if ((token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids
+                or (seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()))):
+            reason = "stop"  # a completed grammar included: only EOS could follow
         elif seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.finish("length")
+            reason = "length"
+        if reason:
+            seq.text += seq.detokenizer.step(ids, final=True)
+        hits = [i for i in (seq.text.find(s, max(0, searched - len(s) + 1)) for s in p.stop) if i >= 0]
+        if hits:
+            seq.text, reason = seq.text[:min(hits)], "stop"
+        if reason:
+            seq.finish(reason)
 
     def output(self, seq: Sequence) -> RequestOutput:
         return RequestOutput(seq.request_id, seq.text, stable_text(seq), seq.completion_token_ids, seq.is_finished,
@@ -218,12 +224,11 @@ def score_prompt(chunk, logits: torch.Tensor) -> None:
 
 
 def stable_text(seq: Sequence) -> str:
-    """The completion text a stream may send: all of it once finished; otherwise without a trailing
-    partial UTF-8 character or anything that might still turn out to start a stop string."""
+    """The completion text a stream may send: all of it once finished; otherwise without anything
+    that might still turn out to start a stop string (the detokenizer holds back partial characters)."""
     text = seq.text
     if seq.is_finished:
         return text
-    text = text.rstrip("\ufffd")
     hold = max((len(s) - 1 for s in seq.params.stop), default=0)
     return text[:len(text) - hold] if hold else text
 

@@ -36,6 +36,7 @@ class Sequence:
     num_published_blocks: int = 0  # leading blocks already entered into the prefix cache
     finish_reason: str | None = None
     text: str = ""  # detokenized completion, cut at a stop string
+    detokenizer: object | None = None  # IncrementalDetokenizer (detokenizer.py), which extends `text`
     logprobs: list[dict] = field(default_factory=list)
     prompt_logprobs: list[dict | None] = field(default_factory=list)  # per prompt token (None: the first)
     arrival_time: float = field(default_factory=time.monotonic)

@@ -8,6 +8,7 @@ from enum import Enum
 
 import torch
 
+from internray.serve.engine.detokenizer import IncrementalDetokenizer
 from internray.serve.engine.sampling_params import SamplingParams
 
 
@@ -36,7 +37,7 @@ class Sequence:
     num_published_blocks: int = 0  # leading blocks already entered into the prefix cache
     finish_reason: str | None = None
     text: str = ""  # detokenized completion, cut at a stop string
-    detokenizer: object | None = None  # IncrementalDetokenizer (detokenizer.py), which extends `text`
+    detokenizer: IncrementalDetokenizer | None = None  # extends `text` token by token (set by the engine)
     logprobs: list[dict] = field(default_factory=list)
     prompt_logprobs: list[dict | None] = field(default_factory=list)  # per prompt token (None: the first)
     arrival_time: float = field(default_factory=time.monotonic)

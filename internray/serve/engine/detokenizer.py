@@ -1,9 +1,9 @@
-"""A completion's text, extended token by token at a cost that does not grow with its length.
+"""A completion's text, extended token by token by decoding a few tokens, not the whole completion.
 
 Decoding the whole completion again after every token (what the engine did first) costs O(n) per
 step, O(n^2) per request: for 64 sequences of SmolLM2's tokenizer, 2 ms a step at 128 tokens, 18 ms
 at 1,024 and 42 ms at 2,048, where the model's decode step takes ~90 ms; this takes 0.4-0.8 ms
-(`benchmarks/detokenize.py`). It is vLLM's incremental detokenization: decode a short window of
+(`benchmarks/detokenize.py`; what still grows is copying the token list, not decoding it). It is vLLM's incremental detokenization: decode a short window of
 the latest tokens, and append what the newest ones add to the window's text. The window starts one
 emitted chunk back, so tokenizers whose decoded text depends on the token before (SentencePiece's
 leading spaces, byte-level pieces of one UTF-8 character) get the same text as a full decode. Text

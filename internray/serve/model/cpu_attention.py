@@ -196,8 +196,8 @@ static inline void attend_block_avx512(const float* q, const S* cache, const flo
 // prefetch took 2.2-2.5 ms per layer for 64 sequences x 256 tokens (SmolLM2 shapes, bf16, 2
 // threads) against 0.6 ms with the blocks in cache; one task per sequence prefetching each next
 // block whole at the block's start, 1.3-1.6 ms; with the prefetches spread over the score loop
-// (and the next sequence's first block after the last), 0.8-0.9 ms. (Into L1, or two blocks
-// ahead, was slower.) next_table/next_len: the block table and length of the sequence to
+// (and the next sequence's first block after the last), 0.8-0.9 ms. (Into L1 was slower; two or
+// three blocks ahead, no faster.) next_table/next_len: the block table and length of the sequence to
 // prefetch after this one's last block; next_len 0 for none.
 // q: (g1 - g0) * G prescaled heads; work: G * block + (g1 - g0) * G * (D + 2) floats.
 template <typename T, typename S, int D>

@@ -113,8 +113,8 @@ class ModelRunner:
 
     def _load(self, weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
         model = load_model(self.engine_config.model, self.tp, self.dtype, self.device, weights)
-        if self.device.type == "cpu" and self.dtype != torch.float16 and torch.backends.mkldnn.is_available():
-            pack_linears_for_cpu(model, self.engine_config.max_num_seqs)
+        if self.device.type == "cpu":
+            pack_linears_for_cpu(model, self.engine_config.max_num_seqs, self.kernels)
         model.use_fused_cpu_ops(self.kernels)
         return model
 

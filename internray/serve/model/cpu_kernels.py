@@ -1,5 +1,6 @@
 """The engine's C++ kernels for CPUs, compiled for this machine on first use: decode attention
-(cpu_attention.py) and the fused elementwise ops around the matmuls (cpu_fused.py).
+(cpu_attention.py), the fused elementwise ops around the matmuls (cpu_fused.py) and the bf16
+matmul (cpu_matmul.py).
 
 They are built together with `torch.utils.cpp_extension.load_inline` (needs a C++ compiler, as
 vLLM's CPU build and `torch.compile` do), for this machine's instruction set, into torch's
@@ -7,10 +8,11 @@ extension cache (one build per CPU flavour and source, ~40 s, then reused). With
 `load()` returns None, says why once, and the model runs on plain PyTorch ops (gather + SDPA
 attention, unfused norms and activations).
 
-`PRELUDE` holds what both sources share: the AVX-512 conversions between 16 lanes of fp32 and
+`PRELUDE` holds what the sources share: the AVX-512 conversions between 16 lanes of fp32 and
 16-bit or int8 storage, and a vectorized exp. Only decode attention also has a portable loop
 (other CPUs and head sizes); prefill attention and the fused ops exist in AVX-512 builds alone
-(`has_avx512()`), and elsewhere the model uses SDPA and the plain ops for them.
+(`has_avx512()`), and elsewhere the model uses SDPA and the plain ops for them; the bf16 matmul
+needs AVX512_BF16 too (`has_bf16_matmul()`), and elsewhere linears run on oneDNN.
 """
 from __future__ import annotations
 
@@ -128,16 +130,16 @@ def _cpu_flavour() -> str:
 def load():
     """The compiled kernel module, or None (with one warning naming the reason) where it cannot be
     built; the model then runs on plain PyTorch ops."""
-    from internray.serve.model import cpu_attention, cpu_fused
+    from internray.serve.model import cpu_attention, cpu_fused, cpu_matmul
 
-    source = PRELUDE + cpu_attention.SOURCE + cpu_fused.SOURCE
+    source = PRELUDE + cpu_attention.SOURCE + cpu_fused.SOURCE + cpu_matmul.SOURCE
     try:
         from torch.utils.cpp_extension import load_inline
 
         source_tag = hashlib.sha1(source.encode()).hexdigest()[:8]
         return load_inline(
             name=f"internray_cpu_kernels_{source_tag}_{_cpu_flavour()}", cpp_sources=source,
-            functions=["has_avx512"] + cpu_attention.FUNCTIONS + cpu_fused.FUNCTIONS,
+            functions=["has_avx512"] + cpu_attention.FUNCTIONS + cpu_fused.FUNCTIONS + cpu_matmul.FUNCTIONS,
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"],
             verbose=False)
     except Exception as exc:  # no compiler, no headers, an unusual platform: the portable path still works

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from internray.serve.model import cpu_matmul
 from internray.serve.model.cpu_attention import decode_attention, prefill_attention
 from internray.serve.model.kv_cache import KVCache
 from internray.shm_kernel import KERNEL_LEVEL_NEEDED
@@ -35,12 +36,15 @@ class TPInfo:
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b), replicated on every rank. On CPUs the weight can be reordered once into
-    oneDNN's blocked layout (`pack_for_cpu`, what vLLM's CPU backend does too): its matmuls are
-    1.3-1.8x faster than MKL's sgemm on the 1-64 row batches decoding runs (benchmarks/serve.py)."""
+    """y = x W^T (+ b), replicated on every rank. On CPUs the weight is reordered once for a CPU
+    matmul (`pack_for_cpu`): bf16 weights, where the CPU has AVX512_BF16, into the layout of the
+    engine's own kernel (model/cpu_matmul.py: 1.2-2x oneDNN's speed for the 1-64 rows decoding
+    runs, the same for prefill's thousands); other weights into oneDNN's blocked layout (what vLLM's
+    CPU backend does too), 1.3-1.8x faster than MKL's sgemm on 1-64 rows."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
+        self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.weight.tp_dim = None
         self.bias = None
@@ -48,6 +52,8 @@ class Linear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.tp_dim = None
         self.packed: torch.Tensor | None = None
+        """The weight in a CPU matmul's layout: `bf16_kernel`'s if that is set, else oneDNN's."""
+        self.bf16_kernel = None
         self.quantized = None
         """A `QuantizedMatmul` when the checkpoint holds this weight as integer codes (quantization.py)."""
 
@@ -57,14 +63,23 @@ class Linear(nn.Module):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.quantized is not None:
             return self.quantized(x, bias)
+        if self.bf16_kernel is not None:
+            return cpu_matmul.bf16_matmul(self.bf16_kernel, x, self.packed, None if bias is None else bias.float(),
+                                          self.out_features)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
         return F.linear(x, self.weight, bias)
 
-    def pack_for_cpu(self, batch_hint: int, keep_dense: bool) -> None:
-        """Swap the dense weight for its oneDNN layout (freeing the dense copy unless another
-        module shares it, as a tied lm_head shares the embedding)."""
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, batch_hint)
+    def pack_for_cpu(self, batch_hint: int, keep_dense: bool, kernels=None) -> None:
+        """Swap the dense weight for a CPU matmul's layout (freeing the dense copy unless another
+        module shares it, as a tied lm_head shares the embedding): the compiled bf16 kernel's where
+        `kernels` has it and the weight suits it, else oneDNN's (not for fp16)."""
+        if cpu_matmul.usable(kernels, self.weight):
+            self.packed, self.bf16_kernel = cpu_matmul.pack_bf16(self.weight.data), kernels
+        elif self.weight.dtype != torch.float16 and torch.backends.mkldnn.is_available():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, batch_hint)
+        else:
+            return  # fp16 without the kernel: F.linear on the dense weight
         if not keep_dense:
             self.weight.data = torch.empty(0, dtype=self.weight.dtype)
 
@@ -101,16 +116,16 @@ class RowParallelLinear(Linear):
         return y if self.bias is None else y + self.bias
 
 
-def pack_linears_for_cpu(model: nn.Module, batch_hint: int) -> None:
-    """Reorder every dense linear's weight for oneDNN (see `Linear`); weights another module also
-    holds (tied embeddings) keep their dense copy. Quantized linears have kernels of their own."""
+def pack_linears_for_cpu(model: nn.Module, batch_hint: int, kernels=None) -> None:
+    """Reorder every dense linear's weight for a CPU matmul (see `Linear`); weights another module
+    also holds (tied embeddings) keep their dense copy. Quantized linears have kernels of their own."""
     linears = [m for m in model.modules() if isinstance(m, Linear) and m.quantized is None]
     owners: dict[int, int] = {}
     for module in model.modules():
         for param in module.parameters(recurse=False):
             owners[id(param)] = owners.get(id(param), 0) + 1
     for linear in linears:
-        linear.pack_for_cpu(batch_hint, keep_dense=owners[id(linear.weight)] > 1)
+        linear.pack_for_cpu(batch_hint, keep_dense=owners[id(linear.weight)] > 1, kernels=kernels)
 
 
 class RMSNorm(nn.Module):

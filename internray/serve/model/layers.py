@@ -38,7 +38,7 @@ class TPInfo:
 class Linear(nn.Module):
     """y = x W^T (+ b), replicated on every rank. On CPUs the weight is reordered once for a CPU
     matmul (`pack_for_cpu`): bf16 weights, where the CPU has AVX512_BF16, into the layout of the
-    engine's own kernel (model/cpu_matmul.py: 1.2-2x oneDNN's speed for the 1-64 rows decoding
+    engine's own kernel (model/cpu_matmul.py: 1.3-2.2x oneDNN's speed for the 1-64 rows decoding
     runs, the same for prefill's thousands); other weights into oneDNN's blocked layout (what vLLM's
     CPU backend does too), 1.3-1.8x faster than MKL's sgemm on 1-64 rows."""
 

@@ -137,7 +137,8 @@ def avx512(kernel):
 
 @pytest.mark.parametrize("int8", [False, True], ids=["full", "int8"])
 @pytest.mark.parametrize("heads,kv_heads,dim,dtype,block,tol", [
-    (9, 3, 64, torch.bfloat16, 16, 2e-2), (8, 2, 128, torch.float16, 4, 2e-3), (4, 2, 32, torch.float32, 16, 1e-5)])
+    (9, 3, 64, torch.bfloat16, 16, 2e-2), (8, 2, 128, torch.float16, 4, 2e-3), (4, 2, 32, torch.float32, 16, 1e-5),
+    (8, 2, 128, torch.bfloat16, 4, 2e-2), (4, 2, 32, torch.bfloat16, 16, 2e-2)])  # bf16: keys scored in pairs
 def test_prefill_kernel_equals_causal_sdpa_with_and_without_earlier_context(avx512, heads, kv_heads, dim, dtype,
                                                                            block, tol, int8):
     gen = torch.Generator().manual_seed(3)
@@ -152,9 +153,10 @@ def test_prefill_kernel_equals_causal_sdpa_with_and_without_earlier_context(avx5
         torch.testing.assert_close(out.float(), causal_reference(q, cache, table, context_len), atol=tol, rtol=tol)
 
 
-def test_prefill_kernel_never_reads_past_the_context_and_refuses_other_head_sizes(avx512):
-    values = torch.randn(4, 16, 2, 2, 64)
-    table, q = torch.tensor([2, 0]), torch.randn(10, 4, 64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_kernel_never_reads_past_the_context_and_refuses_other_head_sizes(avx512, dtype):
+    values = torch.randn(4, 16, 2, 2, 64).to(dtype)
+    table, q = torch.tensor([2, 0]), torch.randn(10, 4, 64).to(dtype)
     before = cpu_attention.prefill_attention(q, KVCache(values), table, 20, avx512)
     values[0, 4:] = float("nan")  # block 0 holds positions 16..31; the context ends at 20
     values[1] = float("nan")  # not in the table

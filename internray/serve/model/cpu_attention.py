@@ -33,7 +33,8 @@ tokens against the keys before each, read from the cache where the chunk's keys 
 written, so a chunk after earlier context needs no gather either. Against SDPA's flash kernel on
 one prompt (SmolLM2 shapes, bf16): 64 tokens 0.18 -> 0.08 ms, 136 tokens 0.66 -> 0.29 ms, 248
 tokens 1.6 -> 1.1 ms per layer; prefilling the serve benchmark's 64 prompts took 6.75 s instead
-of 7.7 s. Elsewhere prefill takes SDPA (model/layers.py).
+of 7.7 s. Since then, with a bf16 cache and AVX512_BF16, the scores are vdpbf16ps on the keys as
+stored, 1.4-1.55x faster again (see prefill_tile). Elsewhere prefill takes SDPA (model/layers.py).
 
 The cache's writer is here too (`store_kv`, any CPU): each token's keys and values copied into its
 slot's record, 1-3 us per layer call for a decode step's 5-64 tokens where PyTorch's stack +
@@ -288,24 +289,75 @@ static void run_for_head_dim(const at::Tensor& q, const at::Tensor& cache, const
 }
 
 #ifdef INTERNRAY_AVX512
+#ifdef __AVX512BF16__
+// A 16 x 16 matrix of int32 in registers, transposed: row i's lane j becomes row j's lane i.
+static inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 16; i += 8)
+    for (int k = 0; k < 4; ++k) {
+      t[i + k] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0x88);
+      t[i + k + 4] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0xdd);
+    }
+  for (int k = 0; k < 8; ++k) {
+    r[k] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0x88);
+    r[k + 8] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0xdd);
+  }
+}
+#endif
+
+// Whether prefill scores bf16 keys with vdpbf16ps (see prefill_tile).
+template <typename S, int D>
+constexpr bool scores_in_pairs() {
+#ifdef __AVX512BF16__
+  return std::is_same_v<S, c10::BFloat16> && D % 32 == 0;
+#else
+  return false;
+#endif
+}
+
 // Prefill: up to 16 consecutive query tokens (every head of KV group g) against the keys before
 // each of them, read from the paged cache, where the chunk's own keys were written just before.
 // Each 16 keys are converted once for the whole tile, the keys transposed to [D][16] so that a
 // row's 16 scores are D broadcast-FMAs with no horizontal sums; every (token, head) row keeps
 // flash attention's running max, sum and output. q's rows are `q_stride` apart, out's `out_stride`.
-// work: 2 * R * D + 3 * R + 32 * D + 16 * R floats, R = 16 * G.
+// A bf16 cache (with AVX512_BF16) skips the conversion: the 16 keys' dimension pairs are
+// transposed in registers to [D / 2][16] (`pairs`) and a row's scores are D / 2 vdpbf16ps, its
+// bf16 query pairs broadcast, `scale` applied to the sums (products of bf16 numbers are exact in
+// fp32, so only the order of the sums differs). Against the converting loop, one prompt, 2
+// threads: SmolLM2 shapes 144 tokens 0.36 -> 0.25 ms, 1,024 tokens 19.6 -> 13.8 ms; Llama-3-8B
+// shapes 512 tokens 26.3 -> 16.9 ms; in the serve benchmark's 2,048-token prefill steps, 223-243
+// -> 167-178 ms of attention per step. (Decode attention was tried the same way: 1.1-1.2x for
+// heads of 64, slower for heads of 128, and not kept.)
+// work: 2 * R * D + 3 * R + 32 * D + 16 * R floats, R = 16 * G; pairs: R * D / 2 + 8 * D int32.
 template <typename T, typename S, int D>
 static void prefill_tile(const T* q, int64_t q_stride, T* out, int64_t out_stride, int64_t rows, int64_t first_pos, const S* cache,
                          const float* scales, const int64_t* table, int64_t block, int64_t Hkv, int64_t g, int64_t G,
-                         float scale, float* work) {
+                         float scale, float* work, int32_t* pairs) {
   constexpr int C = D / 16;
+  constexpr bool by_pairs = scores_in_pairs<S, D>();
   const int64_t R = rows * G, token_stride = 2 * Hkv * D;
   float *qf = work, *acc = qf + R * D, *m = acc + R * D, *l = m + R, *shrink = l + R, *keys_t = shrink + R,
         *values = keys_t + 16 * D, *p = values + 16 * D;  // p: a row's 16 scores, then their exps
+  int32_t *q_pairs = pairs, *keys_pairs = pairs + R * D / 2;
   for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < G; ++j)
+    for (int64_t j = 0; j < G; ++j) {
+      if constexpr (by_pairs) {
+        std::memcpy(q_pairs + (i * G + j) * D / 2, q + i * q_stride + (g * G + j) * D, D * sizeof(T));
+        continue;
+      }
       for (int64_t x = 0; x < D; ++x)
         qf[(i * G + j) * D + x] = static_cast<float>(q[i * q_stride + (g * G + j) * D + x]) * scale;
+    }
   std::fill(m, m + R, -std::numeric_limits<float>::infinity());
   std::fill(l, l + R, 0.f);
   std::fill(acc, acc + R * D, 0.f);
@@ -313,29 +365,53 @@ static void prefill_tile(const T* q, int64_t q_stride, T* out, int64_t out_strid
   const int64_t end = first_pos + rows;  // the tile's last token sees keys [0, end)
   for (int64_t k0 = 0; k0 < end; k0 += 16) {
     const int64_t kn = std::min<int64_t>(16, end - k0);
-    for (int64_t t = 0; t < kn; ++t) {
-      const int64_t pos = k0 + t, slot = table[pos / block] * block + pos % block;
-      const S* k = cache + slot * token_stride + g * D;
-      const S* v = k + Hkv * D;
-      const float ks = scales ? scales[slot * 2 * Hkv + g] : 1.f, vs = scales ? scales[slot * 2 * Hkv + Hkv + g] : 1.f;
-      alignas(64) float row[D];
-      for (int c = 0; c < C; ++c) {
-        _mm512_store_ps(row + 16 * c, load16(k + 16 * c, ks));
-        _mm512_storeu_ps(values + t * D + 16 * c, load16(v + 16 * c, vs));
+    int64_t slots[16];
+    for (int64_t t = 0; t < kn; ++t) slots[t] = table[(k0 + t) / block] * block + (k0 + t) % block;
+#ifdef __AVX512BF16__
+    if constexpr (by_pairs)
+      for (int c = 0; c < D / 32; ++c) {  // 16 keys x 16 pairs at a time
+        __m512i key_rows[16];
+        for (int t = 0; t < 16; ++t)
+          key_rows[t] = t < kn ? _mm512_loadu_si512(cache + slots[t] * token_stride + g * D + 32 * c) : _mm512_setzero_si512();
+        transpose16x16(key_rows);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(keys_pairs + (16 * c + i) * 16, key_rows[i]);
       }
-      for (int x = 0; x < D; ++x) keys_t[x * 16 + t] = row[x];
+#endif
+    for (int64_t t = 0; t < kn; ++t) {
+      const S* k = cache + slots[t] * token_stride + g * D;
+      const S* v = k + Hkv * D;
+      const float vs = scales ? scales[slots[t] * 2 * Hkv + Hkv + g] : 1.f;
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(values + t * D + 16 * c, load16(v + 16 * c, vs));
+      if constexpr (!by_pairs) {
+        const float ks = scales ? scales[slots[t] * 2 * Hkv + g] : 1.f;
+        alignas(64) float row[D];
+        for (int c = 0; c < C; ++c) _mm512_store_ps(row + 16 * c, load16(k + 16 * c, ks));
+        for (int x = 0; x < D; ++x) keys_t[x * 16 + t] = row[x];
+      }
     }
     // Three passes over the rows, each row independent of the others within a pass, so the
     // CPU overlaps them (one row's scores -> max -> exp -> sum is a long chain of latencies).
     const int64_t first_row = std::clamp<int64_t>(k0 - first_pos, 0, rows) * G;  // rows seeing none of these keys
     for (int64_t r = first_row; r < R; ++r) {
-      const float* qr = qf + r * D;
       __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      for (int x = 0; x < D; x += 4)  // four independent sums: one chain of D FMAs would wait on each
-        for (int u = 0; u < 4; ++u)
-          part[u] = _mm512_fmadd_ps(_mm512_set1_ps(qr[x + u]), _mm512_loadu_ps(keys_t + (x + u) * 16), part[u]);
+#ifdef __AVX512BF16__
+      if constexpr (by_pairs) {
+        const int32_t* qr = q_pairs + r * D / 2;
+        for (int x = 0; x < D / 2; x += 4)
+          for (int u = 0; u < 4; ++u)
+            part[u] = _mm512_dpbf16_ps(part[u], (__m512bh)_mm512_loadu_si512(keys_pairs + (x + u) * 16),
+                                       (__m512bh)_mm512_set1_epi32(qr[x + u]));
+      }
+#endif
+      if constexpr (!by_pairs) {
+        const float* qr = qf + r * D;
+        for (int x = 0; x < D; x += 4)  // four independent sums: one chain of D FMAs would wait on each
+          for (int u = 0; u < 4; ++u)
+            part[u] = _mm512_fmadd_ps(_mm512_set1_ps(qr[x + u]), _mm512_loadu_ps(keys_t + (x + u) * 16), part[u]);
+      }
       const int64_t allowed = std::min(kn, first_pos + r / G + 1 - k0);  // causal: keys up to the token itself
-      const __m512 sum = _mm512_add_ps(_mm512_add_ps(part[0], part[1]), _mm512_add_ps(part[2], part[3]));
+      __m512 sum = _mm512_add_ps(_mm512_add_ps(part[0], part[1]), _mm512_add_ps(part[2], part[3]));
+      if constexpr (by_pairs) sum = _mm512_mul_ps(sum, _mm512_set1_ps(scale));
       _mm512_storeu_ps(p + r * 16, _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()),
                                                       first_lanes(allowed), sum));
     }
@@ -380,10 +456,11 @@ static void prefill_run(const at::Tensor& q, const at::Tensor& cache, const at::
   const int64_t* tp = table.data_ptr<int64_t>();
   at::parallel_for(0, tiles * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> work(2 * 16 * G * D + 3 * 16 * G + 32 * D + 16 * 16 * G);
+    std::vector<int32_t> pairs(scores_in_pairs<S, D>() ? 16 * G * D / 2 + 8 * D : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t k = task / Hkv, g = task % Hkv, tile = k % 2 ? tiles - 1 - k / 2 : k / 2, i0 = tile * 16;
       prefill_tile<T, S, D>(qp + i0 * q_stride, q_stride, op + i0 * H * D, H * D, std::min<int64_t>(16, L - i0),
-                            first + i0, cp, sp, tp, block, Hkv, g, G, float(scale), work.data());
+                            first + i0, cp, sp, tp, block, Hkv, g, G, float(scale), work.data(), pairs.data());
     }
   });
 }

@@ -49,7 +49,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default="1,5,16,64,256,2048")
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--batch-hint", type=int, default=64, help="rows oneDNN's reorder is told to expect (the engine's max_num_seqs)")
+    p.add_argument("--batch-hint", type=int, default=64,
+                   help="rows oneDNN's reorder is told to expect (the engine passes its max_num_seqs)")
     p.add_argument("--repeats", type=int, default=4)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -57,11 +58,13 @@ def main() -> None:
     if kernel is None or not kernel.has_bf16_matmul():
         sys.exit("this CPU or build has no bf16 matmul kernel (needs AVX512_BF16 and a C++ compiler)")
     gen = torch.Generator().manual_seed(0)
-    dense = {name: [torch.randn(n, k, generator=gen).bfloat16() for _ in range(LAYERS)] for name, (n, k) in SHAPES.items()}
+    dense = {name: [torch.randn(n, k, generator=gen).bfloat16() for _ in range(LAYERS)]
+             for name, (n, k) in SHAPES.items()}
     weight_bytes = sum(w.numel() * w.element_size() for ws in dense.values() for w in ws)
     flops_per_row = 2 * (weight_bytes // 2)  # a multiply and an add per bf16 weight
 
-    onednn_weights = {name: [torch.ops.mkldnn._reorder_linear_weight(w, args.batch_hint) for w in ws] for name, ws in dense.items()}
+    onednn_weights = {name: [torch.ops.mkldnn._reorder_linear_weight(w, args.batch_hint) for w in ws]
+                      for name, ws in dense.items()}
     kernel_weights = {name: [cpu_matmul.pack_bf16(w) for w in ws] for name, ws in dense.items()}
     onednn = {name: [lambda x, w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in ws]
               for name, ws in onednn_weights.items()}
@@ -70,14 +73,17 @@ def main() -> None:
 
     flat = torch.cat([w.flatten() for ws in dense.values() for w in ws]).view(torch.int64)
     stream = min(_timed(lambda: flat.sum()) for _ in range(args.repeats))
-    print(f"{LAYERS} layers of SmolLM2-135M linears, {weight_bytes / 1e6:.0f} MB of bf16 weights, {args.threads} threads")
+    print(f"{LAYERS} layers of SmolLM2-135M linears, {weight_bytes / 1e6:.0f} MB of bf16 weights, "
+          f"{args.threads} threads")
     print(f"streaming read of the same bytes: {stream * 1e3:.1f} ms, {weight_bytes / stream / 1e9:.1f} GB/s")
-    print(f"{'rows':>5}  {'oneDNN ms':>9} {'GF/s':>5} {'GB/s':>5}  {'kernel ms':>9} {'GF/s':>5} {'GB/s':>5}  oneDNN/kernel")
+    columns = f"{'GF/s':>5} {'GB/s':>5}"
+    print(f"{'rows':>5}  {'oneDNN ms':>9} {columns}  {'kernel ms':>9} {columns}  oneDNN/kernel")
     for rows in (int(r) for r in args.rows.split(",")):
         inputs = {name: torch.randn(rows, k, generator=gen).bfloat16() for name, (n, k) in SHAPES.items()}
         x, w = inputs["down"].float(), dense["down"][0].float()
         exact, magnitude = x @ w.T, x.abs() @ w.abs().T
-        slack = 2 * exact.abs() * torch.finfo(torch.bfloat16).eps + x.shape[1] * torch.finfo(torch.float32).eps * magnitude
+        slack = (2 * exact.abs() * torch.finfo(torch.bfloat16).eps
+                 + x.shape[1] * torch.finfo(torch.float32).eps * magnitude)
         assert ((ours["down"][0](inputs["down"]).float() - exact).abs() <= slack).all(), "kernel != fp32 sums, rounded"
         repeats = args.repeats if rows <= 256 else max(1, args.repeats // 2)
         a, b = pass_seconds(onednn, inputs, repeats), pass_seconds(ours, inputs, repeats)

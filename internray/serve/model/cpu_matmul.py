@@ -4,17 +4,21 @@ Why a kernel: decoding a handful of sequences multiplies a few rows by every wei
 so a step costs what streaming the weights from memory costs. oneDNN's packed matmul, which the
 engine used for every bf16 linear, read SmolLM2's 212 MB of layer weights at 11-16 GB/s for 1-16
 rows (2 threads, weights cold as in a real step), where a plain streaming read of the same bytes
-reaches ~30 GB/s: per-call overhead in PyTorch's `_linear_pointwise` (~50 us of 120 calls a step)
-and a blocking made for many rows. This kernel streams each weight once per call at any row count:
-the weight is packed once at load time, 32 output columns at a time, as [K / 2][32 columns][2]
-(the layout `vdpbf16ps` reads: one instruction multiplies a pair of inputs into 16 columns),
-so a tile of 32 columns is one contiguous stream; each pair of a row's inputs is broadcast to
-all 32 columns; up to 12 rows x 32 columns of fp32 sums stay in registers while the tile
-streams past, and each sum is rounded to bf16 once, after the bias (as oneDNN and `F.linear` do).
-Numbers: see `benchmarks/cpu_matmul.py`.
+reaches 30-45 GB/s. (Why was not pinned down: an earlier profile found 50-70 us per call spent in
+PyTorch's `_linear_pointwise` outside oneDNN's own execution, 121 calls a step.) This kernel
+streams each weight once per call at any row count: the weight is packed once at load time, 32
+output columns at a time, as [K / 2][32 columns][2] (the layout `vdpbf16ps` reads: one
+instruction multiplies a pair of inputs into 16 columns), so a tile of 32 columns is one
+contiguous stream; each pair of a row's inputs is broadcast to all 32 columns; up to 12 rows x 32
+columns of fp32 sums stay in registers while the tile streams past, and each sum is rounded to
+bf16 once, after the bias (as oneDNN and `F.linear` do). SmolLM2's 30 layers of linears against
+oneDNN (`benchmarks/cpu_matmul.py`, 2 threads): 2.2x at 1 row (31 GB/s), 1.6x at 5, 1.3x at 16,
+1.2-1.35x at 64, equal at 2,048; the serve benchmark's offline batch (64 prompts x 128 tokens)
+went from 477 to 522 tok/s.
 
-Threads split the work by (tile of 32 columns, chunk of rows), consecutive tasks sharing a tile,
-so a thread keeps a weight tile in L2 across its chunks of rows.
+Threads split the work by (tile of 32 columns, chunk of 48 rows), consecutive tasks sharing a tile,
+so a thread keeps a weight tile in L2 across its chunks of rows; chunks of 96 rows were 10-15%
+slower at 64 rows (one chunk: whole tiles per thread, uneven for small matrices), equal at 2,048.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ SOURCE = r"""
 #define INTERNRAY_BF16_DOT 1
 constexpr int64_t kTile = 32;     // output columns per packed tile: two vectors of 16 fp32 sums
 constexpr int64_t kRows = 12;     // rows per register block: 12 x 2 sums + 2 weight vectors < 32 registers
-constexpr int64_t kChunk = 48;    // rows per task: a multiple of kRows
+constexpr int64_t kChunk = 48;    // rows per task: a multiple of kRows (see the module's docstring)
 
 // rows (<= kRows) of x times one packed tile: `pairs` steps of (two inputs x 32 columns).
 template <int R>
@@ -135,7 +139,8 @@ def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
     return pairs.view(torch.int32).view(tiles, k // 2, TILE)
 
 
-def bf16_matmul(kernel, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+def bf16_matmul(kernel, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                out_features: int) -> torch.Tensor:
     """x [..., K] bf16 times the packed weight, plus `bias` (fp32) -> [..., out_features] bf16."""
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:

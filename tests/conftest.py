@@ -45,6 +45,18 @@ def build_tiny_llama(out: Path, *, vocab_size: int = 512, spare_tokens: int = 0,
     return out
 
 
+def prompt_logprobs(llm):
+    """Greedy prompt log-probs of three prompts (5, 40 and 90 tokens) through an `LLM`, as one tensor:
+    what the bf16 kernel tests compare with the same model in fp32."""
+    import torch
+
+    from internray.serve.engine.sampling_params import SamplingParams
+
+    prompts = [list(range(3, 3 + n)) for n in (5, 40, 90)]
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
+    return torch.tensor([e["logprob"] for out in outputs for e in out.prompt_logprobs if e])
+
+
 def generate_joining(engine, prompts: list[list[int]], params, every: int) -> list[list[int]]:
     """Step `engine` by hand, adding the next prompt every `every` steps, so requests join a batch
     that is already prefilling and decoding; the outputs in prompt order."""

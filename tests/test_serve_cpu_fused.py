@@ -75,16 +75,13 @@ def test_bad_inputs_are_refused_by_name(kernels):
 def test_a_bf16_model_with_fused_ops_is_as_close_to_fp32_as_without(kernels, tmp_path):
     """Prompt log-probs of a bf16 model, fused and unfused, against the same model in fp32: the
     fused ops must be used (fp32 must not use them) and lose nothing in accuracy."""
-    from conftest import build_tiny_llama
+    from conftest import build_tiny_llama, prompt_logprobs
 
     from internray.serve.config import EngineConfig
     from internray.serve.engine.llm_engine import LLM
-    from internray.serve.engine.sampling_params import SamplingParams
 
     model = build_tiny_llama(tmp_path / "m", hidden_size=128, intermediate_size=256, num_attention_heads=4,
                              num_key_value_heads=2)  # head size 32: the fused shapes
-    prompts = [list(range(3, 3 + n)) for n in (5, 40, 90)]
-    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
 
     def logprobs(dtype: str, fused: bool) -> torch.Tensor:
         llm = LLM(EngineConfig(model=str(model), dtype=dtype, kv_cache_gib=0.01, enable_prefix_caching=False))
@@ -94,8 +91,7 @@ def test_a_bf16_model_with_fused_ops_is_as_close_to_fp32_as_without(kernels, tmp
             for module in runner.model.modules():
                 if hasattr(module, "fused"):
                     module.fused = None
-        outputs = llm.generate(prompts, params)
-        return torch.tensor([e["logprob"] for out in outputs for e in out.prompt_logprobs if e])
+        return prompt_logprobs(llm)
 
     exact = logprobs("float32", fused=False)
     fused_error = (logprobs("bfloat16", fused=True) - exact).abs().mean()

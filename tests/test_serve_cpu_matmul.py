@@ -73,25 +73,21 @@ def test_a_bf16_model_runs_its_linears_on_the_kernel_and_stays_as_close_to_fp32(
     """Prompt log-probs of a bf16 model whose linears run on the kernel, and of the same bf16
     model with no compiled kernels (oneDNN linears, plain ops), against fp32: the kernel must be
     used by every linear (including q/k/v with a bias) in bf16 only, and lose nothing in accuracy."""
-    from conftest import build_tiny_llama
+    from conftest import build_tiny_llama, prompt_logprobs
 
     from internray.serve.config import EngineConfig
     from internray.serve.engine.llm_engine import LLM
-    from internray.serve.engine.sampling_params import SamplingParams
     from internray.serve.model.layers import Linear
 
     model = build_tiny_llama(tmp_path / "m", hidden_size=128, intermediate_size=256, num_attention_heads=4,
                              num_key_value_heads=2, attention_bias=True)
-    prompts = [list(range(3, 3 + n)) for n in (5, 40, 90)]
-    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
 
     def logprobs(dtype: str, compiled: bool) -> torch.Tensor:
         llm = LLM(EngineConfig(model=str(model), dtype=dtype, kv_cache_gib=0.01, enable_prefix_caching=False,
                                compiled_cpu_kernels=compiled))
         linears = [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
         assert all((m.bf16_kernel is not None) == (compiled and dtype == "bfloat16") for m in linears)
-        outputs = llm.generate(prompts, params)
-        return torch.tensor([e["logprob"] for out in outputs for e in out.prompt_logprobs if e])
+        return prompt_logprobs(llm)
 
     exact = logprobs("float32", compiled=True)
     kernel_error = (logprobs("bfloat16", compiled=True) - exact).abs().mean()

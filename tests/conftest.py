@@ -57,9 +57,9 @@ def prompt_logprobs(llm):
     return torch.tensor([e["logprob"] for out in outputs for e in out.prompt_logprobs if e])
 
 
-def generate_joining(engine, prompts: list[list[int]], params, every: int) -> list[list[int]]:
+def generate_joining(engine, prompts: list[list[int]], params, every: int, keep=lambda out: out.token_ids) -> list:
     """Step `engine` by hand, adding the next prompt every `every` steps, so requests join a batch
-    that is already prefilling and decoding; the outputs in prompt order."""
+    that is already prefilling and decoding; `keep` of each final output, in prompt order."""
     results, pending, step = {}, list(enumerate(prompts)), 0
     while pending or engine.has_work:
         if pending and step % every == 0:
@@ -67,7 +67,7 @@ def generate_joining(engine, prompts: list[list[int]], params, every: int) -> li
             engine.add_request(str(i), ids, params)
         for out in engine.step():
             if out.finished:
-                results[int(out.request_id)] = out.token_ids
+                results[int(out.request_id)] = keep(out)
         step += 1
     return [results[i] for i in range(len(prompts))]
 

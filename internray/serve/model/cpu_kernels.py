@@ -1,6 +1,7 @@
 """The engine's C++ kernels for CPUs, compiled for this machine on first use: decode attention
-(cpu_attention.py), the fused elementwise ops around the matmuls (cpu_fused.py) and the bf16
-matmul (cpu_matmul.py).
+(cpu_attention.py), the fused elementwise ops around the matmuls (cpu_fused.py), the bf16
+matmul (cpu_matmul.py) and, built from those three, a decode-only step's layers in one call
+(cpu_decode.py).
 
 They are built together with `torch.utils.cpp_extension.load_inline` (needs a C++ compiler, as
 vLLM's CPU build and `torch.compile` do), for this machine's instruction set, into torch's
@@ -130,16 +131,17 @@ def _cpu_flavour() -> str:
 def load():
     """The compiled kernel module, or None (with one warning naming the reason) where it cannot be
     built; the model then runs on plain PyTorch ops."""
-    from internray.serve.model import cpu_attention, cpu_fused, cpu_matmul
+    from internray.serve.model import cpu_attention, cpu_decode, cpu_fused, cpu_matmul
 
-    source = PRELUDE + cpu_attention.SOURCE + cpu_fused.SOURCE + cpu_matmul.SOURCE
+    source = PRELUDE + cpu_attention.SOURCE + cpu_fused.SOURCE + cpu_matmul.SOURCE + cpu_decode.SOURCE
     try:
         from torch.utils.cpp_extension import load_inline
 
         source_tag = hashlib.sha1(source.encode()).hexdigest()[:8]
         return load_inline(
             name=f"internray_cpu_kernels_{source_tag}_{_cpu_flavour()}", cpp_sources=source,
-            functions=["has_avx512"] + cpu_attention.FUNCTIONS + cpu_fused.FUNCTIONS + cpu_matmul.FUNCTIONS,
+            functions=["has_avx512"] + cpu_attention.FUNCTIONS + cpu_fused.FUNCTIONS + cpu_matmul.FUNCTIONS
+                      + cpu_decode.FUNCTIONS,
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"],
             verbose=False)
     except Exception as exc:  # no compiler, no headers, an unusual platform: the portable path still works

@@ -183,6 +183,11 @@ class AttentionBatch:
     prefill_kernel: bool = False  # prefill chunks through `kernels` too (AVX-512, head sizes 32/64/128)
     prefills: list[PrefillSpan] = field(default_factory=list)
 
+    @property
+    def decodes_only(self) -> bool:
+        """Every token of the step is a sequence's next one, in order (decode_index is 0..T-1)."""
+        return len(self.decode_index) == len(self.slot_mapping)
+
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                     batch: AttentionBatch) -> torch.Tensor:
@@ -192,7 +197,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     is its own call (causal, offset by its cached context): the compiled kernel reading the cache,
     or SDPA on the chunk's keys (after a gather of the blocks when there is earlier context)."""
     kv_cache.write(batch.slot_mapping, k, v, batch.kernels)
-    if batch.kernels is not None and len(batch.decode_index) == len(q):  # decodes only, in order: no copies in or out
+    if batch.kernels is not None and batch.decodes_only:  # no copies in or out
         return decode_attention(q, kv_cache, batch.decode_blocks, batch.decode_lengths, batch.kernels)
     out = torch.empty_like(q)
     if len(batch.decode_index):

@@ -153,17 +153,37 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = rotary_embedding(config)
+        self.decode_kernels = None
+        """The compiled CPU kernels when decode-only steps run all layers in one call of theirs
+        (model/cpu_decode.py), set by use_fused_cpu_ops."""
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, batch: AttentionBatch, sample_index):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(x, positions[None])
         cos, sin = cos[0].to(x.dtype), sin[0].to(x.dtype)
-        residual = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x, residual = layer(x, residual, cos, sin, kv_cache, batch)
+        if self.decode_kernels is not None and batch.decodes_only and kv_caches[0].scales is None:
+            x, residual = self.decode_layers(x, cos, sin, kv_caches, batch)
+        else:
+            residual = None
+            for layer, kv_cache in zip(self.model.layers, kv_caches):
+                x, residual = layer(x, residual, cos, sin, kv_cache, batch)
         x, _ = self.model.norm(x[sample_index], residual[sample_index])
         return self.lm_head(x).float()
+
+    def decode_layers(self, x, cos, sin, kv_caches, batch: AttentionBatch):
+        """Every layer of a decode-only step in one compiled call: the same kernels as the layers'
+        own forward, without its Python (model/cpu_decode.py). The weights are read from the
+        modules at each call, so a model whose weights were swapped can never run stale ones."""
+        weights = []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            weights += [layer.input_layernorm.weight, attn.qkv_proj.packed, attn.o_proj.packed,
+                        layer.post_attention_layernorm.weight, mlp.gate_up_proj.packed, mlp.down_proj.packed]
+        attn, norm = self.model.layers[0].self_attn, self.model.layers[0].input_layernorm
+        return self.decode_kernels.decode_layers(
+            x, weights, [cache.data for cache in kv_caches], cos, sin, batch.slot_mapping, batch.decode_blocks,
+            batch.decode_lengths, attn.num_heads, attn.num_kv_heads, norm.eps, attn.head_dim ** -0.5)
 
     def use_fused_cpu_ops(self, kernels) -> bool:
         """Route norms, rotary and SiLU through the compiled CPU kernels (model/cpu_fused.py) where
@@ -175,4 +195,7 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.fused = kernels
+        linears = [m for m in self.model.layers.modules() if isinstance(m, Linear)]
+        if layer.self_attn.o_proj.tp.size == 1 and all(m.bf16_kernel is not None and m.bias is None for m in linears):
+            self.decode_kernels = kernels  # see decode_layers
         return True

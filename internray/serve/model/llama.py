@@ -195,8 +195,8 @@ class LlamaForCausalLM(nn.Module):
         if layer.self_attn.o_proj.tp.size == 1 and all(m.bf16_kernel is not None and m.bias is None for m in linears):
             # gathered once (building the list took 0.3 ms a step): linears are packed once, and the
             # engine swaps weights by building a new model (ModelRunner.load_weights)
-            self.decode_weights = [w for layer in self.model.layers for w in (
-                layer.input_layernorm.weight, layer.self_attn.qkv_proj.packed, layer.self_attn.o_proj.packed,
-                layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj.packed, layer.mlp.down_proj.packed)]
+            self.decode_weights = [w for block in self.model.layers for w in (
+                block.input_layernorm.weight, block.self_attn.qkv_proj.packed, block.self_attn.o_proj.packed,
+                block.post_attention_layernorm.weight, block.mlp.gate_up_proj.packed, block.mlp.down_proj.packed)]
             self.decode_kernels = kernels  # see decode_layers
         return True

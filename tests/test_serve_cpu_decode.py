@@ -49,8 +49,8 @@ def test_decode_steps_in_one_call_equal_the_python_layers_bit_for_bit(kernels, t
     assert llm.engine.runner.model.decode_kernels is kernels
     stacked, stacked_calls = run(llm, stacked=True)
     python, python_calls = run(llm, stacked=False)
-    assert stacked == python
-    assert python_calls == 0 and stacked_calls > 10  # steps with a prefill chunk ran the Python layers
+    assert stacked == python  # would differ if a step with a prefill chunk went through the one call
+    assert python_calls == 0 and stacked_calls > 10  # the one call really ran, on the decode-only steps
 
 
 def test_steps_it_does_not_cover_run_the_python_layers(kernels, tmp_path):
